@@ -1,0 +1,1 @@
+"""The HTTP front end: validates requests, queues jobs, returns results."""

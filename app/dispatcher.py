@@ -1,0 +1,122 @@
+"""Puts jobs on model streams and hands each waiting request its outcome.
+
+One dispatcher per API process. It subscribes once to its own reply channel;
+workers publish there when a job it submitted ends, and the listener resolves
+the waiting request's future, so a waiting request costs no Redis traffic.
+Should a reply be missed (a dropped connection), the waiter reads the job's
+record once per ``POLL_S`` and finds the outcome there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from workers.protocol import FINISH_SCRIPT, TERMINAL_STATUSES, Job, JobStatus, Keys
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+
+class Dispatcher:
+    def __init__(self, redis: Redis, keys: Keys, result_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.result_ttl_s = result_ttl_s
+        self.channel = keys.replies(uuid.uuid4().hex)
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._finish = redis.register_script(FINISH_SCRIPT)
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="reply-listener")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    # A bounded wait: an unbounded one would trip the socket timeout.
+                    message = await pubsub.get_message(timeout=POLL_S)
+                    if message is not None:
+                        self._resolve(orjson.loads(message["data"]))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("reply listener: Redis unreachable (%s); resubscribing", exc)
+                await asyncio.sleep(POLL_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _resolve(self, reply: dict[str, Any]) -> None:
+        future = self._waiting.get(reply["id"])
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    async def submit(self, job: Job) -> None:
+        """Write the job's record and append it to its model's stream, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        key = self.keys.job(job.id)
+        pipe.hset(key, mapping=job.hash_fields())
+        pipe.expire(key, self.result_ttl_s + int(job.deadline - job.created_at))
+        pipe.xadd(self.keys.stream(job.model), {"job": job.to_json()})
+        await pipe.execute()
+
+    async def run(self, job: Job) -> dict[str, Any]:
+        """Submit ``job`` with this process as its reply address and wait for its end.
+
+        Returns the reply: ``{"id", "status", "result", "error"}``. Past the
+        job's deadline the job is cancelled and TimeoutError raised.
+        """
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[job.id] = future
+        try:
+            await self.submit(job)
+            while True:
+                remaining = job.deadline - time.time()
+                if remaining <= 0:
+                    await self.cancel(job.id)
+                    raise TimeoutError(job.id)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), min(POLL_S, remaining))
+                except TimeoutError:
+                    reply = await self._read_outcome(job.id)
+                    if reply is not None:
+                        return reply
+        finally:
+            self._waiting.pop(job.id, None)
+
+    async def _read_outcome(self, job_id: str) -> dict[str, Any] | None:
+        status, result, error = await self.redis.hmget(self.keys.job(job_id), "status", "result", "error")
+        if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
+            return None
+        return {
+            "id": job_id,
+            "status": status.decode(),
+            "result": orjson.loads(result) if result else None,
+            "error": orjson.loads(error) if error else None,
+        }
+
+    async def cancel(self, job_id: str) -> bool:
+        """End a job as cancelled unless it already ended; workers skip it from then on."""
+        ended = await self._finish(
+            keys=[self.keys.job(job_id)],
+            args=[JobStatus.CANCELLED.value, time.time(), self.result_ttl_s, b"", b"", "", b""],
+        )
+        return bool(ended)

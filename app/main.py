@@ -1,0 +1,70 @@
+"""The FastAPI application: settings → Redis → registry → routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+import hearth
+from app import errors
+from app.dispatcher import Dispatcher
+from app.fleet import Fleet
+from app.routes import embeddings, health, models
+from app.state import AppState
+from hearth.settings import Settings, get_settings
+from models.registry import Registry
+from workers.protocol import Keys
+
+
+def build_state(settings: Settings) -> AppState:
+    if not settings.redis_url:
+        raise ValueError("REDIS_URL is not set: the API needs a Redis to queue jobs in")
+    # Fail fast when Redis is down: a client gets 503 in seconds, not a hang.
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        health_check_interval=30,
+    )
+    keys = Keys(settings.namespace)
+    registry = Registry.scan(settings.model_store)
+    served = {spec.id: spec for spec in registry.select(settings.models)}
+    return AppState(
+        settings=settings,
+        redis=redis,
+        registry=registry,
+        served=served,
+        dispatcher=Dispatcher(redis, keys, settings.result_ttl_s),
+        fleet=Fleet(redis, keys, settings.worker_ttl_s),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    state = build_state(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.dispatcher.start()
+        try:
+            yield
+        finally:
+            await state.dispatcher.stop()
+            await state.redis.aclose()
+
+    app = FastAPI(
+        title="Hearth",
+        version=hearth.__version__,
+        summary="Text embeddings and generated images over HTTP, OpenAI-compatible.",
+        lifespan=lifespan,
+    )
+    app.state.hearth = state
+    errors.install(app)
+    for module in (embeddings, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,39 @@
+"""What one API process holds for its lifetime, and the dependencies that hand it out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from app.dispatcher import Dispatcher
+from app.fleet import Fleet
+from hearth.settings import Settings
+from models.registry import ModelSpec, Registry, UnknownModelError
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    redis: Redis
+    registry: Registry
+    served: dict[str, ModelSpec]  # the models this deployment serves, by id
+    dispatcher: Dispatcher
+    fleet: Fleet
+
+    def model(self, model_id: str) -> ModelSpec:
+        """The served model ``model_id``; UnknownModelError (→ 404) otherwise."""
+        try:
+            return self.served[model_id]
+        except KeyError:
+            raise UnknownModelError(model_id) from None
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.hearth
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

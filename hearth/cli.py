@@ -1,0 +1,104 @@
+"""The `hearth` command."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from hearth.logs import configure
+from hearth.settings import Settings
+
+app = typer.Typer(
+    help="Hearth: text embeddings and generated images over HTTP, jobs queued in Redis.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The models Hearth can serve.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+HostOption = Annotated[str | None, typer.Option(help="Address to listen on [default: HEARTH_HOST]")]
+PortOption = Annotated[int | None, typer.Option(help="Port to listen on [default: HEARTH_PORT]")]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; a bad variable ends the command, named."""
+    try:
+        settings = Settings()
+        return settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            variable = "REDIS_URL" if name == "REDIS_URL" else f"HEARTH_{name}"
+            typer.echo(f"error: {variable}: {error['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(host: HostOption = None, port: PortOption = None) -> None:
+    """Run everything: a private Redis (unless REDIS_URL is set), the API and one worker."""
+    from hearth.serve import serve as run_all
+
+    settings = load_settings()
+    configure(settings.log_level)
+    raise typer.Exit(run_all(settings, host or settings.host, port or settings.port))
+
+
+@app.command()
+def api(host: HostOption = None, port: PortOption = None) -> None:
+    """Run the HTTP API (needs REDIS_URL)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = load_settings()
+    configure(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
+
+
+@app.command()
+def worker(
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated model ids [default: HEARTH_MODELS, else all]")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: HEARTH_DEVICE]")
+    ] = None,
+) -> None:
+    """Run a worker: load models warm, then take their jobs from Redis (needs REDIS_URL)."""
+    from models.registry import Registry, UnknownModelError
+    from workers.worker import Worker
+
+    settings = load_settings(models=models, device=device)
+    configure(settings.log_level)
+    registry = Registry.scan(settings.model_store)
+    try:
+        specs = registry.select(settings.models)
+    except UnknownModelError as exc:
+        typer.echo(f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True)
+        raise typer.Exit(2) from None
+    asyncio.run(Worker(settings, specs, settings.device).run())
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """List the model ids the registry finds, with their kind and folder."""
+    from models.registry import Registry
+
+    settings = load_settings()
+    registry = Registry.scan(settings.model_store)
+    for spec in registry:
+        typer.echo(f"{spec.id}\t{spec.kind.value}\t{spec.dimension} dims\t{spec.path}")
+    for name, reason in registry.skipped.items():
+        typer.echo(f"{name}\tskipped: {reason}", err=True)

@@ -1,0 +1,70 @@
+"""`hearth serve`: the whole service on one machine, in one command.
+
+Starts a private Redis-protocol server when REDIS_URL is unset, then one
+worker and the API as child processes. Ctrl-C or SIGTERM stops them in order
+(API, worker, Redis) and leaves nothing behind. Should a child die on its own,
+the rest are stopped too and the exit code says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from hearth.embedded_redis import EmbeddedRedis
+from hearth.processes import child_options, stop
+from hearth.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 30.0
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    settings.model_store.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.state_dir / "redis")
+        embedded.start()
+        env["REDIS_URL"] = embedded.url
+        logger.info("private Redis at %s, data in %s", embedded.url, embedded.data_dir)
+
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hearth = [sys.executable, "-m", "hearth"]
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    exit_code = 0
+    try:
+        children["worker"] = subprocess.Popen([*hearth, "worker"], env=env, **child_options())
+        children["api"] = subprocess.Popen(
+            [*hearth, "api", "--host", host, "--port", str(port)], env=env, **child_options()
+        )
+        logger.info("Hearth on http://%s:%d (Ctrl-C stops it)", host, port)
+        while not signals:
+            died = [name for name, child in children.items() if child.poll() is not None]
+            if died:
+                logger.error("%s exited with code %s; stopping", died[0], children[died[0]].returncode)
+                exit_code = 1
+                break
+            time.sleep(0.2)
+    finally:
+        for name in ("api", "worker"):
+            if name in children:
+                code = stop(children[name], STOP_TIMEOUT_S)
+                logger.info("%s stopped (exit code %s)", name, code)
+        if embedded is not None:
+            embedded.stop()
+            logger.info("private Redis stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code

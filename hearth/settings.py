@@ -1,0 +1,109 @@
+"""The one settings object, read from the environment and validated at start.
+
+Every variable has the prefix ``HEARTH_`` except ``REDIS_URL``, which keeps the
+name every Redis-aware tool already uses. Nothing else in Hearth reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "hearth"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEARTH_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "HEARTH_REDIS_URL"),
+        description="Redis to queue jobs in. Unset: `hearth serve` starts a private one.",
+    )
+    namespace: str = Field(
+        default="hearth",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of every Redis key, so several deployments can share one Redis.",
+    )
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where `hearth serve` keeps its private Redis data and the model store.",
+    )
+    models_dir: Path | None = Field(
+        default=None, description="The model store: one folder per model. Default: STATE_DIR/models."
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated model ids to serve. Empty: every model the registry finds.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the API listens on.")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Worker device: auto (CUDA when present), cpu, cuda or cuda:N.",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="CPU threads for inference; 0 lets torch decide."
+    )
+    max_batch_jobs: int = Field(
+        default=64, ge=1, le=4096, description="Most jobs a worker takes from a stream at once."
+    )
+    max_batch_tokens: int = Field(
+        default=16384,
+        ge=64,
+        description="Most padded tokens in one embedding forward pass.",
+    )
+    max_inputs: int = Field(
+        default=2048, ge=1, description="Most strings in one embeddings request."
+    )
+    max_input_chars: int = Field(
+        default=100_000, ge=1, description="Longest string accepted as one embeddings input."
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Deadline of a synchronous request; past it, 504."
+    )
+    result_ttl_s: int = Field(
+        default=3600, ge=1, description="How long jobs and their results stay readable in Redis."
+    )
+    heartbeat_s: float = Field(default=2.0, gt=0, description="Worker heartbeat period.")
+    worker_ttl_s: float = Field(
+        default=10.0, gt=0, description="A worker silent this long counts as gone."
+    )
+    redis_timeout_s: float = Field(
+        default=3.0, gt=0, description="Connect and command timeout towards Redis."
+    )
+    log_level: LogLevel = Field(default="info", description="Log level of every process.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.worker_ttl_s <= self.heartbeat_s:
+            raise ValueError("HEARTH_WORKER_TTL_S must be longer than HEARTH_HEARTBEAT_S")
+        return self
+
+    @property
+    def model_store(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.state_dir / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The worker process: takes jobs from Redis streams and runs them on warm models."""

@@ -1,0 +1,65 @@
+"""Runs embeddings jobs: many requests, one model call, each its own answer.
+
+Every text of every job in a batch goes through one ``EmbeddingModel.embed``
+call (which sorts by length and splits by token budget); the vectors are then
+cut back per job and encoded as the OpenAI response body the API returns.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import orjson
+
+from models.embedding import EmbeddingModel, reduce_dimensions
+from workers.protocol import Job, JobStatus, Outcome
+
+
+def _encode_row(row: np.ndarray, encoding_format: str) -> Any:
+    if encoding_format == "base64":
+        return base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode("ascii")
+    return row
+
+
+class EmbeddingRunner:
+    def __init__(self, model_id: str, model: EmbeddingModel) -> None:
+        self.model_id = model_id
+        self.model = model
+
+    def run(self, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
+        """Outcomes in the order of ``jobs``, and the forward-pass sizes used."""
+        texts = [text for job in jobs for text in job.input["input"]]
+        embedded = self.model.embed(texts)
+        outcomes: list[Outcome] = []
+        start = 0
+        for job in jobs:
+            count = len(job.input["input"])
+            vectors = embedded.vectors[start : start + count]
+            tokens = sum(embedded.token_counts[start : start + count])
+            start += count
+            outcomes.append(Outcome(JobStatus.SUCCEEDED, result=self._body(job, vectors, tokens)))
+        return outcomes, embedded.batch_sizes
+
+    def _body(self, job: Job, vectors: np.ndarray, tokens: int) -> bytes:
+        dimensions = job.input.get("dimensions")
+        if dimensions:
+            vectors = reduce_dimensions(vectors, int(dimensions))
+        encoding_format = job.input.get("encoding_format", "float")
+        return orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": index,
+                        "embedding": _encode_row(row, encoding_format),
+                    }
+                    for index, row in enumerate(vectors)
+                ],
+                "model": self.model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )

@@ -1,0 +1,183 @@
+"""The job protocol shared by the API and the workers.
+
+What a job is, which states it moves through, and where each piece lives in
+Redis. Both sides import this module and nothing else of each other, so the
+wire format is defined exactly once. Everything on the wire is JSON.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"  # in the stream, not yet taken by a worker
+    RUNNING = "running"  # a worker took it; it may be retried if that worker dies
+    SUCCEEDED = "succeeded"  # the result is stored
+    FAILED = "failed"  # the error is stored; it will not run again
+    CANCELLED = "cancelled"  # a client cancelled it before it finished
+    EXPIRED = "expired"  # its deadline passed before a worker finished it
+
+
+TERMINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+)
+
+
+class JobType(StrEnum):
+    EMBEDDINGS = "embeddings"
+    IMAGES_GENERATIONS = "images.generations"
+    IMAGES_EDITS = "images.edits"
+
+
+CONSUMER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names. The part in braces is the hash tag, so that every key a
+    single command touches lands in one Redis Cluster slot."""
+
+    namespace: str
+
+    def stream(self, model: str) -> str:
+        return f"{self.namespace}:stream:{{{model}}}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{{{job_id}}}"
+
+    def replies(self, listener: str) -> str:
+        """Pub/sub channel on which one API process hears its jobs finish."""
+        return f"{self.namespace}:replies:{listener}"
+
+    def workers(self) -> str:
+        """Hash of live workers: worker id → JSON heartbeat."""
+        return f"{self.namespace}:workers"
+
+    def batch_sizes(self, model: str) -> str:
+        """Hash of batch size → how many batches of that size a worker ran."""
+        return f"{self.namespace}:stats:{{{model}}}:batch-sizes"
+
+
+def new_job_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """The envelope a worker receives: what to run, for whom, and until when."""
+
+    type: JobType
+    model: str
+    input: dict[str, Any]
+    deadline: float
+    id: str = field(default_factory=new_job_id)
+    created_at: float = field(default_factory=time.time)
+    reply_to: str | None = None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "type": self.type.value,
+                "model": self.model,
+                "input": self.input,
+                "deadline": self.deadline,
+                "created_at": self.created_at,
+                "reply_to": self.reply_to,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Job:
+        data = orjson.loads(raw)
+        return cls(
+            id=data["id"],
+            type=JobType(data["type"]),
+            model=data["model"],
+            input=data["input"],
+            deadline=float(data["deadline"]),
+            created_at=float(data["created_at"]),
+            reply_to=data.get("reply_to"),
+        )
+
+    def hash_fields(self) -> dict[str, str | bytes | float]:
+        """The job's record in Redis as it is first written, before any worker sees it."""
+        return {
+            "type": self.type.value,
+            "model": self.model,
+            "status": JobStatus.QUEUED.value,
+            "created_at": self.created_at,
+            "deadline": self.deadline,
+            "attempts": 0,
+        }
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed; ``type`` follows OpenAI's error types."""
+
+    message: str
+    type: str = "server_error"
+    param: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"message": self.message, "type": self.type, "param": self.param}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished job: its terminal status with either the result body or the error."""
+
+    status: JobStatus
+    result: bytes | None = None  # the JSON body the synchronous route answers with
+    error: JobError | None = None
+
+
+def reply_message(job_id: str, outcome: Outcome) -> bytes:
+    """What a worker publishes on the API's reply channel once a job is stored."""
+    return orjson.dumps(
+        {
+            "id": job_id,
+            "status": outcome.status.value,
+            "result": orjson.Fragment(outcome.result) if outcome.result is not None else None,
+            "error": outcome.error.to_dict() if outcome.error else None,
+        }
+    )
+
+
+# Scripts keep status changes atomic per job, so that a redelivered or late
+# worker never flips a terminal status and a cancelled job never starts.
+
+# KEYS[1] job hash; ARGV: now. Returns {status, attempts} after the attempt.
+START_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {'running', attempts}
+"""
+
+# KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply.
+# Returns 1 when this call set the terminal status (and published the reply),
+# 0 when the job had already ended.
+FINISH_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' or status == 'expired' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return 1
+"""
