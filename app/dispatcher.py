@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -62,7 +62,7 @@ class Dispatcher:
                 await asyncio.sleep(POLL_S)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _resolve(self, reply: dict[str, Any]) -> None:
         future = self._waiting.get(reply["id"])
@@ -103,7 +103,8 @@ class Dispatcher:
             self._waiting.pop(job.id, None)
 
     async def _read_outcome(self, job_id: str) -> dict[str, Any] | None:
-        status, result, error = await self.redis.hmget(self.keys.job(job_id), "status", "result", "error")
+        fields = await self.redis.hmget(self.keys.job(job_id), "status", "result", "error")
+        status, result, error = cast(list[bytes | None], fields)
         if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
             return None
         return {

@@ -52,13 +52,29 @@ class HearthError(Exception):
 
 
 class InvalidRequest(HearthError): ...
+
+
 class Unauthorized(HearthError): ...
+
+
 class NotFound(HearthError): ...
+
+
 class MethodNotAllowed(HearthError): ...
+
+
 class PayloadTooLarge(HearthError): ...
+
+
 class Overloaded(HearthError): ...
+
+
 class InferenceFailed(HearthError): ...
+
+
 class Unavailable(HearthError): ...
+
+
 class DeadlineExceeded(HearthError): ...
 
 
@@ -88,10 +104,8 @@ def _param(loc: tuple[int | str, ...]) -> str | None:
 def from_validation(exc: RequestValidationError) -> InvalidRequest:
     first: dict[str, Any] = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return InvalidRequest(
-            f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}",
-            code="invalid_json",
-        )
+        reason = first.get("ctx", {}).get("error", "parse error")
+        return InvalidRequest(f"The request body is not valid JSON: {reason}", code="invalid_json")
     param = _param(tuple(first.get("loc", ())))
     if param is None:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
@@ -112,7 +126,9 @@ def translate(exc: Exception) -> HearthError:
             code="model_not_found",
         )
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return Unavailable("The job queue (Redis) is unreachable; retry shortly.", code="queue_unavailable")
+        return Unavailable(
+            "The job queue (Redis) is unreachable; retry shortly.", code="queue_unavailable"
+        )
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
             return NotFound("No such route.", code="route_not_found")
@@ -127,7 +143,9 @@ def translate(exc: Exception) -> HearthError:
 
 def response_for(error: HearthError) -> JSONResponse:
     status, kind = ERROR_TABLE[type(error)]
-    body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+    body = {
+        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    }
     return JSONResponse(body, status_code=status, headers=error.headers)
 
 
@@ -136,6 +154,13 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    for kind in (HearthError, RequestValidationError, HTTPException, UnknownModelError,
-                 RedisConnectionError, RedisTimeoutError, Exception):
+    for kind in (
+        HearthError,
+        RequestValidationError,
+        HTTPException,
+        UnknownModelError,
+        RedisConnectionError,
+        RedisTimeoutError,
+        Exception,
+    ):
         app.add_exception_handler(kind, _handle)

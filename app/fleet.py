@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import orjson
 from redis.asyncio import Redis
@@ -37,7 +38,7 @@ class Fleet:
         """Workers whose last heartbeat is younger than the TTL; stale ones are pruned."""
         if time.monotonic() - self._read_at < CACHE_S:
             return self._workers
-        beats = await self.redis.hgetall(self.keys.workers())
+        beats = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.workers()))
         now = time.time()
         live: list[WorkerInfo] = []
         stale: list[bytes] = []

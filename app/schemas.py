@@ -46,10 +46,13 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input: EmbeddingInput
-    model: str = Field(description="A model id from `GET /v1/models`.", examples=["all-minilm-l6-v2"])
+    model: str = Field(
+        description="A model id from `GET /v1/models`.", examples=["all-minilm-l6-v2"]
+    )
     encoding_format: Literal["float", "base64"] = Field(
         default="float",
-        description="`float`: lists of numbers. `base64`: little-endian float32 bytes, base64-encoded.",
+        description="`float`: lists of numbers. "
+        "`base64`: little-endian float32 bytes, base64-encoded.",
     )
     dimensions: int | None = Field(
         default=None,

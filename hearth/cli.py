@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -23,11 +23,10 @@ HostOption = Annotated[str | None, typer.Option(help="Address to listen on [defa
 PortOption = Annotated[int | None, typer.Option(help="Port to listen on [default: HEARTH_PORT]")]
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment; a bad variable ends the command, named."""
     try:
-        settings = Settings()
-        return settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        return Settings(**{name: value for name, value in overrides.items() if value is not None})
     except ValidationError as exc:
         for error in exc.errors():
             name = "_".join(str(part) for part in error["loc"]).upper()
@@ -70,7 +69,8 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
 @app.command()
 def worker(
     models: Annotated[
-        str | None, typer.Option(help="Comma-separated model ids [default: HEARTH_MODELS, else all]")
+        str | None,
+        typer.Option(help="Comma-separated model ids [default: HEARTH_MODELS, else all]"),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu, cuda or cuda:N [default: HEARTH_DEVICE]")
@@ -86,7 +86,9 @@ def worker(
     try:
         specs = registry.select(settings.models)
     except UnknownModelError as exc:
-        typer.echo(f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True)
+        typer.echo(
+            f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True
+        )
         raise typer.Exit(2) from None
     asyncio.run(Worker(settings, specs, settings.device).run())
 

@@ -46,12 +46,18 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             str(_binary()),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--save", "",
-            "--logfile", str(self.data_dir / "server.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--logfile",
+            str(self.data_dir / "server.log"),
         ]
         self.process = subprocess.Popen(args, **child_options())
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
@@ -59,16 +65,17 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"the private Redis server exited at start; see {self.data_dir / 'server.log'}"
-                    )
+                    log = self.data_dir / "server.log"
+                    raise RuntimeError(f"the private Redis server exited at start; see {log}")
                 try:
                     client.ping()
                     return
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise RuntimeError(f"the private Redis server did not answer in {timeout_s} s") from None
+                        raise RuntimeError(
+                            f"the private Redis server did not answer in {timeout_s} s"
+                        ) from None
                     time.sleep(0.05)
         finally:
             client.close()

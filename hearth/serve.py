@@ -53,7 +53,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
         while not signals:
             died = [name for name, child in children.items() if child.poll() is not None]
             if died:
-                logger.error("%s exited with code %s; stopping", died[0], children[died[0]].returncode)
+                logger.error(
+                    "%s exited with code %s; stopping", died[0], children[died[0]].returncode
+                )
                 exit_code = 1
                 break
             time.sleep(0.2)

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         description="Where `hearth serve` keeps its private Redis data and the model store.",
     )
     models_dir: Path | None = Field(
-        default=None, description="The model store: one folder per model. Default: STATE_DIR/models."
+        default=None,
+        description="The model store: one folder per model. Default: STATE_DIR/models.",
     )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -19,7 +19,12 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from models.device import Placement
-from models.st_config import DenseLayer, EmbeddingConfig, UnsupportedModelError, read_embedding_config
+from models.st_config import (
+    DenseLayer,
+    EmbeddingConfig,
+    UnsupportedModelError,
+    read_embedding_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def _load_dense(layer: DenseLayer, placement: Placement) -> torch.nn.Module:
 
 class EmbeddingModel:
     def __init__(self, folder: Path, placement: Placement, max_batch_tokens: int) -> None:
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         self.config: EmbeddingConfig = read_embedding_config(folder)
         self.placement = placement
         self.max_batch_tokens = max_batch_tokens

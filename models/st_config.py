@@ -120,7 +120,9 @@ def read_embedding_config(folder: Path) -> EmbeddingConfig:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         hidden, positions = _encoder_shape(folder)
-        return EmbeddingConfig(transformer_path=folder, hidden_size=hidden, max_seq_length=positions)
+        return EmbeddingConfig(
+            transformer_path=folder, hidden_size=hidden, max_seq_length=positions
+        )
 
     with modules_file.open(encoding="utf-8") as fh:
         modules = json.load(fh)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -107,7 +108,7 @@ class Job:
             reply_to=data.get("reply_to"),
         )
 
-    def hash_fields(self) -> dict[str, str | bytes | float]:
+    def hash_fields(self) -> Mapping[Any, str | float | int]:
         """The job's record in Redis as it is first written, before any worker sees it."""
         return {
             "type": self.type.value,

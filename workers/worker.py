@@ -17,6 +17,7 @@ time, on one inference thread: pipelines are never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -50,6 +51,8 @@ from workers.protocol import (
 
 logger = logging.getLogger(__name__)
 
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP returns them
+
 READ_BLOCK_MS = 1000
 RETRY_PAUSE_S = 1.0
 
@@ -63,7 +66,9 @@ def load_runner(spec: ModelSpec, placement: Placement, settings: Settings) -> Ru
         from models.embedding import EmbeddingModel
         from workers.embeddings import EmbeddingRunner
 
-        return EmbeddingRunner(spec.id, EmbeddingModel(spec.path, placement, settings.max_batch_tokens))
+        return EmbeddingRunner(
+            spec.id, EmbeddingModel(spec.path, placement, settings.max_batch_tokens)
+        )
     raise ValueError(f"model {spec.id}: kind {spec.kind} has no runner")
 
 
@@ -138,10 +143,15 @@ class Worker:
         self.placement = choose_placement(self.device)
         for spec in self.specs.values():
             started = time.perf_counter()
-            self.runners[spec.id] = await self._in_thread(load_runner, spec, self.placement, self.settings)
+            self.runners[spec.id] = await self._in_thread(
+                load_runner, spec, self.placement, self.settings
+            )
             logger.info(
                 "worker %s: loaded %s on %s in %.1f s",
-                self.name, spec.id, self.placement.device, time.perf_counter() - started,
+                self.name,
+                spec.id,
+                self.placement.device,
+                time.perf_counter() - started,
             )
         await self._ensure_groups()
 
@@ -166,7 +176,7 @@ class Worker:
                     count=self.settings.max_batch_jobs,
                     block=READ_BLOCK_MS,
                 )
-                for stream, entries in response or []:
+                for stream, entries in cast(list[tuple[bytes, Entries]], response or []):
                     await self._run_batch(self._streams[stream.decode()], entries)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
@@ -178,12 +188,10 @@ class Worker:
                 await self._ensure_groups()
 
     async def _pause(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), RETRY_PAUSE_S)
-        except TimeoutError:
-            pass
 
-    async def _run_batch(self, model_id: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def _run_batch(self, model_id: str, entries: Entries) -> None:
         """Start, run, store and acknowledge one batch of one model's entries."""
         stream = self.keys.stream(model_id)
         entry_ids = [entry_id for entry_id, _ in entries]
@@ -229,7 +237,9 @@ class Worker:
             elif job.deadline < now:
                 ended[job.id] = Outcome(
                     JobStatus.EXPIRED,
-                    error=JobError("the job's deadline passed before a worker could run it", "timeout"),
+                    error=JobError(
+                        "the job's deadline passed before a worker could run it", "timeout"
+                    ),
                 )
             else:
                 runnable.append(job)
@@ -269,8 +279,7 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _leave(self) -> None:
-        try:
+        # Should Redis be unreachable, the heartbeat simply ages out.
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
-        except (RedisConnectionError, RedisTimeoutError):
-            pass  # its heartbeat will simply age out
         await self.redis.aclose()

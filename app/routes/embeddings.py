@@ -57,7 +57,11 @@ async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResp
     job = Job(
         type=JobType.EMBEDDINGS,
         model=spec.id,
-        input={"input": texts, "encoding_format": body.encoding_format, "dimensions": body.dimensions},
+        input={
+            "input": texts,
+            "encoding_format": body.encoding_format,
+            "dimensions": body.dimensions,
+        },
         deadline=time.time() + settings.request_timeout_s,
         reply_to=state.dispatcher.channel,
     )
@@ -70,5 +74,7 @@ async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResp
         ) from None
     if reply["status"] != JobStatus.SUCCEEDED:
         error = reply.get("error") or {}
-        raise InferenceFailed(error.get("message", f"the job ended {reply['status']}"), code=reply["status"])
+        raise InferenceFailed(
+            error.get("message", f"the job ended {reply['status']}"), code=reply["status"]
+        )
     return JSONResponse(reply["result"])

@@ -1,0 +1,117 @@
+"""Closed-loop load generator for `POST /v1/embeddings`, run in its own process.
+
+``concurrency`` asyncio tasks share one httpx client; each sends one short
+sentence per request, back to back, for ``warmup`` then ``duration`` seconds.
+Only requests that complete inside the measured window (after the warmup,
+before its end) count. Prints one JSON line:
+
+    {"concurrency", "requests", "errors", "rps", "p50_ms", "p90_ms", "p99_ms", "error_sample"}
+
+``requests`` counts every request completed in the window, ``errors`` those
+that got a non-200 status or raised; ``rps`` and the latency percentiles are
+over the successful ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+from sentences import SENTENCES
+
+
+@dataclass(frozen=True)
+class Record:
+    done_at: float  # perf_counter when the response (or the error) came back
+    latency_s: float
+    error: str | None
+
+
+async def _client_loop(
+    client: httpx.AsyncClient,
+    model: str,
+    counter: itertools.count[int],
+    stop_at: float,
+    records: list[Record],
+) -> None:
+    """Send requests back to back until ``stop_at``, appending one record each."""
+    while time.perf_counter() < stop_at:
+        text = SENTENCES[next(counter) % len(SENTENCES)]
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            response = await client.post("/v1/embeddings", json={"model": model, "input": text})
+            if response.status_code != 200:
+                error = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        done = time.perf_counter()
+        records.append(Record(done, done - started, error))
+
+
+def summarize(
+    records: list[Record], concurrency: int, window_start: float, window_end: float
+) -> dict[str, Any]:
+    """Counts, throughput and latency percentiles of the records completed in the window."""
+    counted = [r for r in records if window_start <= r.done_at <= window_end]
+    ok = np.array([r.latency_s for r in counted if r.error is None], dtype=np.float64) * 1000
+    errors = [r.error for r in counted if r.error is not None]
+    p50, p90, p99 = np.percentile(ok, [50, 90, 99]) if ok.size else (float("nan"),) * 3
+    return {
+        "concurrency": concurrency,
+        "requests": len(counted),
+        "errors": len(errors),
+        "rps": ok.size / (window_end - window_start),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "error_sample": errors[0] if errors else None,
+    }
+
+
+async def generate(
+    url: str, model: str, concurrency: int, warmup_s: float, duration_s: float, timeout_s: float
+) -> dict[str, Any]:
+    """Run the closed loop against ``url`` and return its summary."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    records: list[Record] = []
+    counter = itertools.count()
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+        start = time.perf_counter()
+        window_start = start + warmup_s
+        window_end = window_start + duration_s
+        tasks = [
+            asyncio.create_task(_client_loop(client, model, counter, window_end, records))
+            for _ in range(concurrency)
+        ]
+        await asyncio.gather(*tasks)
+    return summarize(records, concurrency, window_start, window_end)
+
+
+def main() -> None:
+    """Parse the options, run the load, print the JSON summary line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--url", required=True, help="Hearth's base URL, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
+    args = parser.parse_args()
+    summary = asyncio.run(
+        generate(args.url, args.model, args.concurrency, args.warmup, args.duration, args.timeout)
+    )
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

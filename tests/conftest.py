@@ -1,0 +1,113 @@
+"""Fixtures: a real Redis, and a running Hearth (API + worker) against it.
+
+Redis comes from REDIS_URL, else the machine's 127.0.0.1:6379. Every test
+session works in its own key namespace and removes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.support import Process, free_port, hearth_env, wait_for
+
+MODEL = "all-minilm-l6-v2"
+
+
+def _redis_url() -> str:
+    return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = _redis_url()
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.ConnectionError as exc:
+        pytest.exit(
+            f"Redis at {url} does not answer ({exc}); start it or set REDIS_URL", returncode=3
+        )
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _drop_namespace(client: redis.Redis, namespace: str) -> None:
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def namespace(redis_client: redis.Redis) -> Iterator[str]:
+    """A key namespace of this test's own, removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    _drop_namespace(redis_client, name)
+
+
+@dataclass
+class Stack:
+    """A running API and worker sharing one namespace."""
+
+    url: str
+    namespace: str
+    env: dict[str, str]
+    api: Process
+    worker: Process
+
+    @property
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    redis_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    port = free_port()
+    env = hearth_env(
+        REDIS_URL=redis_url,
+        HEARTH_NAMESPACE=namespace,
+        HEARTH_STATE_DIR=str(root / "state"),
+        HEARTH_MODELS_DIR=str(root / "models"),
+        HEARTH_HEARTBEAT_S="0.5",
+        HEARTH_WORKER_TTL_S="3",
+    )
+    worker = Process(["worker"], env, root / "worker.log")
+    api = Process(["api", "--port", str(port)], env, root / "api.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/readyz", [worker, api])
+        yield Stack(url=url, namespace=namespace, env=env, api=api, worker=worker)
+    finally:
+        api.stop()
+        worker.stop()
+        _drop_namespace(redis_client, namespace)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with stack.client as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def packaged_model_path() -> Path:
+    from models.registry import packaged_embedding_path
+
+    return packaged_embedding_path()

@@ -1,0 +1,90 @@
+"""Running real Hearth processes from tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HEARTH = [sys.executable, "-m", "hearth"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def hearth_env(**overrides: str) -> dict[str, str]:
+    """The test process's environment without any Hearth or Redis settings, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_") and k != "REDIS_URL"}
+    env.update(HF_HUB_OFFLINE="1", HEARTH_LOG_LEVEL="info")
+    env.update(overrides)
+    return env
+
+
+class Process:
+    """A `hearth …` child process whose output goes to a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self._log_file = log.open("ab")
+        self.popen = subprocess.Popen(
+            [*HEARTH, *args],
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            command = " ".join(self.args)
+            raise AssertionError(
+                f"hearth {command} exited with {self.popen.returncode}:\n{self.output()[-4000:]}"
+            )
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_file.close()
+        return self.popen.returncode
+
+
+def wait_for(
+    url: str, processes: list[Process], status: int = 200, timeout_s: float = 120.0
+) -> httpx.Response:
+    """Poll ``url`` until it answers ``status``; fail early if a process died."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        for process in processes:
+            process.check_alive()
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if response.status_code == status:
+                return response
+            last = response.text
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer {status} in {timeout_s} s; last: {last}")

@@ -1,0 +1,178 @@
+"""`POST /v1/embeddings` through the API, Redis and a worker, all real."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from models.device import choose_placement
+from models.embedding import EmbeddingModel
+from tests.conftest import MODEL, Stack
+from workers.protocol import CONSUMER_GROUP, Keys
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def direct(packaged_model_path: Path) -> EmbeddingModel:
+    return EmbeddingModel(packaged_model_path, choose_placement("cpu"), max_batch_tokens=16384)
+
+
+def embed(client: httpx.Client, **body: object) -> httpx.Response:
+    return client.post("/v1/embeddings", json={"model": MODEL, **body})
+
+
+def vectors_of(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [item["index"] for item in data] == list(range(len(data)))
+    return np.array([item["embedding"] for item in data], dtype=np.float32)
+
+
+def test_a_string_gives_one_embedding_equal_to_the_model(
+    client: httpx.Client, direct: EmbeddingModel
+) -> None:
+    response = embed(client, input="The cat sat on the mat.")
+    body = response.json()
+    assert body["object"] == "list"
+    assert body["model"] == MODEL
+    assert body["data"][0]["object"] == "embedding"
+    np.testing.assert_allclose(
+        vectors_of(response), direct.embed(["The cat sat on the mat."]).vectors, atol=1e-5
+    )
+    tokens = direct.embed(["The cat sat on the mat."]).token_counts[0]
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_a_list_comes_back_in_input_order(client: httpx.Client, direct: EmbeddingModel) -> None:
+    texts = ["short", "a much longer sentence than the others, " * 5, "medium length text here"]
+    got = vectors_of(embed(client, input=texts))
+    np.testing.assert_allclose(got, direct.embed(texts).vectors, atol=1e-5)
+    counts = direct.embed(texts).token_counts
+    assert embed(client, input=texts).json()["usage"]["prompt_tokens"] == sum(counts)
+
+
+def test_base64_is_little_endian_float32_of_the_same_vectors(client: httpx.Client) -> None:
+    texts = ["one", "two"]
+    floats = vectors_of(embed(client, input=texts))
+    encoded = embed(client, input=texts, encoding_format="base64").json()["data"]
+    decoded = np.stack(
+        [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in encoded]
+    )
+    np.testing.assert_array_equal(decoded, floats)
+
+
+def test_dimensions_truncate_then_renormalise(client: httpx.Client) -> None:
+    full = vectors_of(embed(client, input=["dimension test"]))
+    cut = vectors_of(embed(client, input=["dimension test"], dimensions=32))
+    assert cut.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(cut), 1.0, atol=1e-6)
+    np.testing.assert_allclose(cut[0], full[0, :32] / np.linalg.norm(full[0, :32]), atol=1e-6)
+
+
+def test_concurrent_requests_are_batched_and_answered_each_their_own(
+    stack: Stack, redis_client: redis.Redis, direct: EmbeddingModel
+) -> None:
+    texts = [f"request number {i} talks about subject {i * 7 % 13}" for i in range(48)]
+    expected = direct.embed(texts).vectors
+    stats_key = Keys(stack.namespace).batch_sizes(MODEL)
+    redis_client.delete(stats_key)
+
+    def one(i: int) -> np.ndarray:
+        with stack.client as http:
+            return vectors_of(embed(http, input=texts[i]))[0]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = np.stack(list(pool.map(one, range(len(texts)))))
+
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    sizes = {int(size): int(count) for size, count in redis_client.hgetall(stats_key).items()}
+    assert sum(size * count for size, count in sizes.items()) == len(texts)
+    assert max(sizes) > 1, f"no request was batched with another: {sizes}"
+
+
+def test_a_job_is_stored_with_a_ttl_and_leaves_nothing_pending(
+    stack: Stack, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    keys = Keys(stack.namespace)
+    before = set(redis_client.scan_iter(match=keys.job("*"), count=1000))
+    vectors_of(embed(client, input="stored and acknowledged"))
+    new = set(redis_client.scan_iter(match=keys.job("*"), count=1000)) - before
+    assert len(new) == 1
+    key = new.pop()
+    record = redis_client.hgetall(key)
+    assert record[b"status"] == b"succeeded"
+    assert record[b"attempts"] == b"1"
+    assert b'"object":"list"' in record[b"result"]
+    assert 0 < redis_client.ttl(key) <= 3600
+    stream = keys.stream(MODEL)
+    assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+    assert redis_client.xlen(stream) == 0
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error: dict[str, object] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"input": []}, "input", "non-empty"),
+        ({"input": 42}, "input", "string"),
+        ({"input": [1, 2, 3]}, "input", "token arrays"),
+        ({"input": [[1, 2]]}, "input", "token arrays"),
+        ({"input": ["ok", None]}, "input", "item 1"),
+        ({"input": ""}, "input", "empty"),
+        ({"input": ["ok", ""]}, "input[1]", "empty"),
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format", "float"),
+        ({"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+        ({"input": "x", "dimensions": 385}, "dimensions", "1 to 384"),
+        ({"input": "x", "dimensions": "many"}, "dimensions", "integer"),
+        ({"input": ["x"] * 2049}, "input", "at most 2048"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(
+    client: httpx.Client, body: dict[str, object], param: str, words: str
+) -> None:
+    error = error_of(embed(client, **body), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert words in str(error["message"])
+
+
+def test_a_missing_model_field_is_named(client: httpx.Client) -> None:
+    error = error_of(client.post("/v1/embeddings", json={"input": "x"}), 400)
+    assert error["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"model": "all-minilm-l6-v2", "input": ', b"[1, 2]", b"not json"]
+)
+def test_malformed_bodies_are_a_400(client: httpx.Client, content: bytes) -> None:
+    response = client.post(
+        "/v1/embeddings", content=content, headers={"content-type": "application/json"}
+    )
+    error = error_of(response, 400)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_an_unknown_model_is_a_404(client: httpx.Client) -> None:
+    error = error_of(
+        client.post("/v1/embeddings", json={"model": "no-such-model", "input": "x"}), 404
+    )
+    assert error["param"] == "model"
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_routes_and_methods_use_the_envelope(client: httpx.Client) -> None:
+    assert error_of(client.get("/v1/nothing-here"), 404)["code"] == "route_not_found"
+    assert error_of(client.get("/v1/embeddings"), 405)["code"] == "method_not_allowed"

@@ -1,0 +1,64 @@
+"""The `hearth` command's surface."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.model_folders import plain_encoder
+from tests.support import HEARTH, hearth_env
+
+
+def hearth(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*HEARTH, *args], env=hearth_env(**env), capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ((), "serve"),
+        (("serve",), "--port"),
+        (("api",), "--host"),
+        (("worker",), "--device"),
+        (("models", "list"), "List the model ids"),
+    ],
+)
+def test_every_command_has_help(args: tuple[str, ...], words: str) -> None:
+    result = hearth(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert words in result.stdout
+
+
+def test_models_list_shows_packaged_and_store_models(
+    tmp_path: Path, packaged_model_path: Path
+) -> None:
+    plain_encoder(packaged_model_path, tmp_path / "my-encoder")
+    (tmp_path / "empty-folder").mkdir()
+    result = hearth("models", "list", HEARTH_MODELS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("all-minilm-l6-v2\tembedding\t384 dims") for line in lines)
+    assert any(line.startswith("my-encoder\tembedding") for line in lines)
+    assert "empty-folder\tskipped" in result.stderr
+
+
+def test_a_bad_setting_stops_the_command_naming_the_variable() -> None:
+    result = hearth("models", "list", HEARTH_MAX_BATCH_JOBS="zero")
+    assert result.returncode == 2
+    assert "HEARTH_MAX_BATCH_JOBS" in result.stderr
+
+
+def test_a_worker_for_an_unknown_model_refuses_to_start(tmp_path: Path) -> None:
+    result = hearth(
+        "worker",
+        "--models",
+        "nope",
+        REDIS_URL="redis://127.0.0.1:1/0",
+        HEARTH_STATE_DIR=str(tmp_path),
+    )
+    assert result.returncode == 2
+    assert "nope" in result.stderr

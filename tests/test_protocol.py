@@ -1,0 +1,122 @@
+"""The job envelope and the status scripts, against a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import redis
+
+from workers.protocol import (
+    FINISH_SCRIPT,
+    START_SCRIPT,
+    TERMINAL_STATUSES,
+    Job,
+    JobError,
+    JobStatus,
+    JobType,
+    Keys,
+    Outcome,
+    reply_message,
+)
+
+
+def make_job(**overrides: object) -> Job:
+    fields: dict[str, object] = {
+        "type": JobType.EMBEDDINGS,
+        "model": "all-minilm-l6-v2",
+        "input": {"input": ["héllo"], "encoding_format": "float", "dimensions": None},
+        "deadline": time.time() + 60,
+        "reply_to": "hearth:replies:abc",
+    }
+    fields.update(overrides)
+    return Job(**fields)  # type: ignore[arg-type]
+
+
+def test_job_survives_the_wire() -> None:
+    job = make_job()
+    assert Job.from_json(job.to_json()) == job
+
+
+def test_job_ids_are_unique() -> None:
+    assert make_job().id != make_job().id
+
+
+def test_terminal_statuses_are_the_ends() -> None:
+    assert {JobStatus.QUEUED, JobStatus.RUNNING}.isdisjoint(TERMINAL_STATUSES)
+    assert len(TERMINAL_STATUSES) == len(JobStatus) - 2
+
+
+def test_keys_share_a_hash_tag_per_model_and_job() -> None:
+    keys = Keys("ns")
+    assert keys.stream("m1") == "ns:stream:{m1}"
+    assert keys.job("job_1") == "ns:job:{job_1}"
+    assert keys.batch_sizes("m1").startswith("ns:stats:{m1}")
+
+
+def test_reply_embeds_the_result_as_json() -> None:
+    outcome = Outcome(JobStatus.SUCCEEDED, result=b'{"object":"list"}')
+    assert orjson.loads(reply_message("job_1", outcome)) == {
+        "id": "job_1",
+        "status": "succeeded",
+        "result": {"object": "list"},
+        "error": None,
+    }
+    failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
+    assert orjson.loads(reply_message("job_2", failed))["error"]["message"] == "boom"
+
+
+def _seed(client: redis.Redis, keys: Keys, job: Job) -> str:
+    key = keys.job(job.id)
+    client.hset(key, mapping=job.hash_fields())  # type: ignore[arg-type]
+    return key
+
+
+def test_start_counts_attempts_and_skips_ended_jobs(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    start = redis_client.register_script(START_SCRIPT)
+    key = _seed(redis_client, keys, make_job())
+    assert start(keys=[key], args=[time.time()]) == [b"running", 1]
+    assert start(keys=[key], args=[time.time()]) == [b"running", 2]
+    redis_client.hset(key, "status", "cancelled")
+    assert start(keys=[key], args=[time.time()]) == [b"cancelled", 0]
+    assert start(keys=[keys.job("job_missing")], args=[time.time()]) == [b"missing", 0]
+
+
+def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    finish = redis_client.register_script(FINISH_SCRIPT)
+    key = _seed(redis_client, keys, make_job())
+    channel = f"{namespace}:replies:test"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)
+
+    assert (
+        finish(keys=[key], args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b"reply-1"]) == 1
+    )
+    assert (
+        finish(keys=[key], args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b"reply-2"])
+        == 0
+    )
+
+    record = redis_client.hgetall(key)
+    assert record[b"status"] == b"succeeded"
+    assert record[b"result"] == b'{"a":1}'
+    assert b"error" not in record
+    assert 0 < redis_client.ttl(key) <= 60
+    message = pubsub.get_message(timeout=2)
+    assert message is not None and message["data"] == b"reply-1"
+    assert pubsub.get_message(timeout=0.3) is None  # the refused finish published nothing
+    pubsub.close()
+
+
+def test_finish_does_not_recreate_an_expired_record(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    finish = redis_client.register_script(FINISH_SCRIPT)
+    key = Keys(namespace).job("job_gone")
+    assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b""]) == 0
+    assert not redis_client.exists(key)

@@ -1,0 +1,94 @@
+"""`hearth serve` as a user runs it: one command, everything up, Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import MODEL
+from tests.support import Process, free_port, hearth_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def ctrl_c(process: Process, timeout_s: float = 60) -> int:
+    """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
+    os.killpg(os.getpgid(process.pid), signal.SIGINT)
+    return process.popen.wait(timeout_s)
+
+
+def test_serve_on_its_embedded_default(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    serve = Process(
+        ["serve", "--port", str(port)],
+        hearth_env(HEARTH_STATE_DIR=str(state)),
+        tmp_path / "serve.log",
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz", [serve])
+        children = descendants(serve.pid)
+        names = " ".join(" ".join(child.cmdline()) for child in children)
+        assert "valkey-server" in names
+        assert "hearth worker" in names and "hearth api" in names
+
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
+        )
+        result = client.embeddings.create(model=MODEL, input=["embedded default", "works"])
+        assert len(result.data) == 2
+        client.close()
+
+        assert ctrl_c(serve) in (0, 130)
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left behind: {alive}"
+        assert any((state / "redis").rglob("*.aof*")), (
+            "the private Redis keeps its data in the state dir"
+        )
+        assert "private Redis stopped" in serve.output()
+    finally:
+        serve.stop()
+
+
+def test_serve_uses_redis_url_when_set(redis_url: str, namespace: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = hearth_env(
+        REDIS_URL=redis_url, HEARTH_NAMESPACE=namespace, HEARTH_STATE_DIR=str(tmp_path / "s")
+    )
+    serve = Process(["serve", "--port", str(port)], env, tmp_path / "serve.log")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz", [serve])
+        names = " ".join(" ".join(child.cmdline()) for child in descendants(serve.pid))
+        assert "valkey-server" not in names
+        assert not (tmp_path / "s" / "redis").exists()
+        assert ctrl_c(serve) in (0, 130)
+    finally:
+        serve.stop()
+
+
+def test_serve_stops_everything_when_a_child_dies(tmp_path: Path) -> None:
+    port = free_port()
+    serve = Process(
+        ["serve", "--port", str(port)],
+        hearth_env(HEARTH_STATE_DIR=str(tmp_path)),
+        tmp_path / "serve.log",
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", [serve])
+        children = descendants(serve.pid)
+        api = next(child for child in children if "api" in child.cmdline())
+        api.kill()
+        assert serve.popen.wait(60) == 1
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive
+    finally:
+        serve.stop()
