@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -54,6 +56,9 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
 
     settings = load_settings()
     configure(settings.log_level)
+    # uvicorn re-raises the signal it stopped on once it has shut down cleanly;
+    # SIGTERM is the normal way to stop the API, so that ends with exit code 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,

@@ -107,6 +107,7 @@ def test_a_stopped_worker_leaves_and_readiness_follows(
         assert worker.stop() == 0
         assert redis_client.hlen(Keys(namespace).workers()) == 0
         wait_for(f"{url}/readyz", [api], status=503, timeout_s=10)
+        assert api.stop() == 0
     finally:
         worker.stop()
         api.stop()
