@@ -9,9 +9,10 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 
 from app.dispatcher import Dispatcher
+from app.errors import InvalidRequest
 from app.fleet import Fleet
 from hearth.settings import Settings
-from models.registry import ModelSpec, Registry, UnknownModelError
+from models.registry import ModelKind, ModelSpec, Registry, UnknownModelError
 
 
 @dataclass
@@ -23,12 +24,20 @@ class AppState:
     dispatcher: Dispatcher
     fleet: Fleet
 
-    def model(self, model_id: str) -> ModelSpec:
-        """The served model ``model_id``; UnknownModelError (→ 404) otherwise."""
+    def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
+        """The served model ``model_id``: 404 when unknown, 400 when of another ``kind``."""
         try:
-            return self.served[model_id]
+            spec = self.served[model_id]
         except KeyError:
             raise UnknownModelError(model_id) from None
+        if kind is not None and spec.kind is not kind:
+            raise InvalidRequest(
+                f"Invalid 'model': '{model_id}' is an {spec.kind.value} model, "
+                f"this route needs an {kind.value} model.",
+                param="model",
+                code="wrong_model_kind",
+            )
+        return spec
 
 
 def get_state(request: Request) -> AppState:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -43,6 +45,37 @@ NAMESPACE = "bench"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 RAW_BATCH_SIZES = (1, 8, 32, 64)
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Machine-wide busy CPU time next to this process tree's own, at one moment."""
+
+    at: float  # time.monotonic()
+    busy_s: float  # every core's non-idle time, from /proc/stat
+    own_s: float  # this process and its waited-for children
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        """Sample now; busy_s is NaN where /proc/stat is missing."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
+            busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = float("nan")
+        own = sum(
+            usage.ru_utime + usage.ru_stime
+            for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        )
+        return cls(time.monotonic(), busy, own)
+
+    def foreign_share(self, later: CpuSample) -> float:
+        """Share of all cores that other processes used between this sample and ``later``.
+
+        Children count as own only once waited for: sample after stopping them."""
+        foreign = (later.busy_s - self.busy_s) - (later.own_s - self.own_s)
+        return max(0.0, foreign) / ((later.at - self.at) * (os.cpu_count() or 1))
 
 
 def _free_port() -> int:
@@ -192,6 +225,7 @@ def main() -> None:
     command = _command_line()
 
     with tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
+        started = CpuSample.now()
         stack = Stack(Path(tmp))
         try:
             stack.start()
@@ -201,14 +235,19 @@ def main() -> None:
                 print(f"concurrency {concurrency}: {levels[-1].rps:.1f} req/s", flush=True)
         finally:
             stack.close()
+        hearth_done = CpuSample.now()
         spec = Registry.scan(Path(tmp) / "models").get(MODEL_ID)
         model = EmbeddingModel(spec.path, choose_placement("cpu"), max_batch_tokens=16384)
         raw_p50_ms = raw_latency_ms(model, args.warmup, args.duration / 2)
         used = {size for level in levels if (size := level.rounded_batch) is not None}
         sizes = sorted(used | set(RAW_BATCH_SIZES))
         raw = {size: raw_throughput(model, size, max(1.0, args.duration / 4)) for size in sizes}
+        foreign = {
+            "Hearth levels": started.foreign_share(hearth_done),
+            "raw model": hearth_done.foreign_share(CpuSample.now()),
+        }
 
-    section = render(command, MODEL_ID, torch.get_num_threads(), levels, raw, raw_p50_ms)
+    section = render(command, MODEL_ID, torch.get_num_threads(), foreign, levels, raw, raw_p50_ms)
     print(section)
     write_section(args.output, section)
     print(f"wrote {args.output}")

@@ -20,6 +20,7 @@ START_MARK = "<!-- embeddings:start -->"
 END_MARK = "<!-- embeddings:end -->"
 THROUGHPUT_TARGET = 0.8  # Hearth at concurrency 32 / the raw model's best batched throughput
 ADDED_P50_TARGET_MS = 5.0  # Hearth p50 at concurrency 1 minus the raw batch-1 p50
+FOREIGN_CPU_LIMIT = 0.05  # more of the machine used by other processes makes a run unreliable
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,15 @@ def _level_row(level: Level, raw: dict[int, RawResult]) -> str:
     return f"| {' | '.join(cells)} |"
 
 
-def _targets(levels: list[Level], raw: dict[int, RawResult], raw_p50_ms: float) -> list[str]:
+def _targets(
+    levels: list[Level], raw: dict[int, RawResult], raw_p50_ms: float, foreign: dict[str, float]
+) -> list[str]:
+    disturbed = max(foreign.values(), default=0.0)
+    caveat = (
+        f" (unreliable: other processes used up to {disturbed:.0%} of the CPU during the run)"
+        if disturbed > FOREIGN_CPU_LIMIT
+        else ""
+    )
     by_concurrency = {level.concurrency: level for level in levels}
     best = max(raw.values(), key=lambda r: r.texts_per_s)
     lines: list[str] = []
@@ -103,7 +112,8 @@ def _targets(levels: list[Level], raw: dict[int, RawResult], raw_p50_ms: float) 
         lines.append(
             f"- Throughput at concurrency 32 ({by_concurrency[32].rps:.1f} req/s) vs the raw "
             f"model's best batched throughput ({best.texts_per_s:.1f} texts/s at batch "
-            f"{best.batch_size}): ratio {ratio:.2f} (target ≥ {THROUGHPUT_TARGET}): **{verdict}**."
+            f"{best.batch_size}): ratio {ratio:.2f} (target ≥ {THROUGHPUT_TARGET}): "
+            f"**{verdict}**{caveat}."
         )
     else:
         lines.append("- Throughput target: not measured (concurrency 32 was not run).")
@@ -114,7 +124,7 @@ def _targets(levels: list[Level], raw: dict[int, RawResult], raw_p50_ms: float) 
         lines.append(
             f"- Added p50 at concurrency 1: Hearth p50 - raw batch-1 p50 = {hearth_p50:.2f} - "
             f"{raw_p50_ms:.2f} = {added:.2f} ms (target ≤ {ADDED_P50_TARGET_MS:g} ms): "
-            f"**{verdict}**."
+            f"**{verdict}**{caveat}."
         )
     else:
         lines.append("- Latency target: not measured (concurrency 1 was not run).")
@@ -125,11 +135,15 @@ def render(
     command: str,
     model_id: str,
     torch_threads: int,
+    foreign: dict[str, float],
     levels: list[Level],
     raw: dict[int, RawResult],
     raw_p50_ms: float,
 ) -> str:
-    """The Embeddings section as Markdown, markers included."""
+    """The Embeddings section as Markdown, markers included.
+
+    ``foreign`` is, per phase, the share of all cores that other processes used.
+    """
     versions = (
         f"Python {platform.python_version()}, torch {metadata.version('torch')}, "
         f"transformers {metadata.version('transformers')}, hearth {hearth.__version__}"
@@ -143,6 +157,9 @@ def render(
         f"- Machine: {machine(torch_threads)}",
         f"- Versions: {versions}",
         f"- Model: {model_id}; one sentence of 11-14 words per request, 64 distinct ones cycled",
+        "- CPU used by other processes (share of all cores): "
+        + ", ".join(f"{phase} {share:.0%}" for phase, share in foreign.items())
+        + f"; above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",
         "",
         "### Through Hearth",
         "",
@@ -164,7 +181,7 @@ def render(
         "",
         "### Targets",
         "",
-        *_targets(levels, raw, raw_p50_ms),
+        *_targets(levels, raw, raw_p50_ms, foreign),
     ]
     samples = [
         f"- concurrency {lv.concurrency}: `{lv.error_sample}`" for lv in levels if lv.error_sample

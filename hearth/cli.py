@@ -106,6 +106,11 @@ def list_models() -> None:
     settings = load_settings()
     registry = Registry.scan(settings.model_store)
     for spec in registry:
-        typer.echo(f"{spec.id}\t{spec.kind.value}\t{spec.dimension} dims\t{spec.path}")
+        if spec.image is not None:
+            size = f"{spec.image.default_width}x{spec.image.default_height}"
+            shape = f"{size} (up to {spec.image.max_width}x{spec.image.max_height})"
+        else:
+            shape = f"{spec.dimension} dims"
+        typer.echo(f"{spec.id}\t{spec.kind.value}\t{shape}\t{spec.path}")
     for name, reason in registry.skipped.items():
         typer.echo(f"{name}\tskipped: {reason}", err=True)

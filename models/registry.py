@@ -6,6 +6,10 @@ Two sources, scanned once at start:
 - the model store (``HEARTH_MODELS_DIR``): every folder in it that holds a
   model is served under the folder's name.
 
+A store folder is an embedding model when it holds a sentence-transformers or
+transformers encoder, an image model when it holds a diffusers text-to-image
+pipeline (``model_index.json`` naming a VAE and a U-Net or transformer).
+
 Only configuration files are read here, never weights, so the API can use the
 registry without importing torch.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from models.image_config import ImageLimits, is_diffusers_folder, read_image_limits
 from models.st_config import UnsupportedModelError, is_encoder_folder, read_embedding_config
 
 logger = logging.getLogger(__name__)
@@ -29,6 +34,7 @@ MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class ModelKind(StrEnum):
     EMBEDDING = "embedding"
+    IMAGE = "image"
 
 
 class UnknownModelError(KeyError):
@@ -45,8 +51,9 @@ class ModelSpec:
     kind: ModelKind
     path: Path
     created: int  # unix time the folder was last changed, as OpenAI's `created`
-    dimension: int  # length of one embedding
-    max_tokens: int  # inputs longer than this are truncated
+    dimension: int | None = None  # embedding models: length of one embedding
+    max_tokens: int | None = None  # embedding models: longer inputs are truncated
+    image: ImageLimits | None = None  # image models: what requests may ask for
 
 
 def packaged_embedding_path() -> Path:
@@ -56,6 +63,14 @@ def packaged_embedding_path() -> Path:
 
 
 def _spec(model_id: str, folder: Path) -> ModelSpec:
+    if is_diffusers_folder(folder):
+        return ModelSpec(
+            id=model_id,
+            kind=ModelKind.IMAGE,
+            path=folder,
+            created=int(folder.stat().st_mtime),
+            image=read_image_limits(folder),
+        )
     config = read_embedding_config(folder)
     return ModelSpec(
         id=model_id,
@@ -82,7 +97,7 @@ class Registry:
                 continue
             if not MODEL_ID_PATTERN.match(folder.name):
                 skipped[folder.name] = "the name is not a valid model id ([A-Za-z0-9._-], ≤128)"
-            elif not is_encoder_folder(folder):
+            elif not (is_encoder_folder(folder) or is_diffusers_folder(folder)):
                 skipped[folder.name] = "not a model folder Hearth knows how to serve"
             else:
                 try:

@@ -10,6 +10,7 @@ from app.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Unavai
 from app.responses import JSONResponse
 from app.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody
 from app.state import StateDep
+from models.registry import ModelKind
 from workers.protocol import Job, JobStatus, JobType
 
 router = APIRouter(tags=["embeddings"])
@@ -25,7 +26,8 @@ ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 429, 500, 503, 
 )
 async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResponse:
     """Embed one string or a list of strings with an embedding model (OpenAI's shape)."""
-    spec = state.model(body.model)
+    spec = state.model(body.model, ModelKind.EMBEDDING)
+    assert spec.dimension is not None
     settings = state.settings
     texts = body.texts
     if len(texts) > settings.max_inputs:
