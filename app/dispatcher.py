@@ -116,8 +116,23 @@ class Dispatcher:
 
     async def cancel(self, job_id: str) -> bool:
         """End a job as cancelled unless it already ended; workers skip it from then on."""
+        error = orjson.dumps(
+            {"message": "cancelled by the client", "type": "cancelled", "param": None}
+        )
         ended = await self._finish(
             keys=[self.keys.job(job_id)],
-            args=[JobStatus.CANCELLED.value, time.time(), self.result_ttl_s, b"", b"", "", b""],
+            args=[
+                JobStatus.CANCELLED.value,
+                time.time(),
+                self.result_ttl_s,
+                b"",
+                error,
+                "",
+                b"",
+                self.keys.events(job_id),
+            ],
         )
+        if ended:
+            # A worker running it stops at its next step.
+            await self.redis.publish(self.keys.cancellations(), job_id)
         return bool(ended)

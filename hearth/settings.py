@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -65,6 +65,19 @@ class Settings(BaseSettings):
         default=16384,
         ge=64,
         description="Most padded tokens in one embedding forward pass.",
+    )
+    max_batch_images: int = Field(
+        default=8, ge=1, le=256, description="Most images a worker generates in one pipeline call."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Key of the HMAC-SHA256 signature on webhook deliveries."
+    )
+    webhook_attempts: int = Field(
+        default=5, ge=1, le=20, description="Tries per webhook delivery, with backoff."
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL clients reach the API at; makes file URLs in webhooks absolute.",
     )
     max_inputs: int = Field(
         default=2048, ge=1, description="Most strings in one embeddings request."

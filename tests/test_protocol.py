@@ -78,11 +78,12 @@ def test_start_counts_attempts_and_skips_ended_jobs(
     keys = Keys(namespace)
     start = redis_client.register_script(START_SCRIPT)
     key = _seed(redis_client, keys, make_job())
-    assert start(keys=[key], args=[time.time()]) == [b"running", 1]
-    assert start(keys=[key], args=[time.time()]) == [b"running", 2]
+    events = keys.events("job")
+    assert start(keys=[key], args=[time.time(), events]) == [b"running", 1]
+    assert start(keys=[key], args=[time.time(), events]) == [b"running", 2]
     redis_client.hset(key, "status", "cancelled")
-    assert start(keys=[key], args=[time.time()]) == [b"cancelled", 0]
-    assert start(keys=[keys.job("job_missing")], args=[time.time()]) == [b"missing", 0]
+    assert start(keys=[key], args=[time.time(), events]) == [b"cancelled", 0]
+    assert start(keys=[keys.job("job_missing")], args=[time.time(), events]) == [b"missing", 0]
 
 
 def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespace: str) -> None:
@@ -90,15 +91,22 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     finish = redis_client.register_script(FINISH_SCRIPT)
     key = _seed(redis_client, keys, make_job())
     channel = f"{namespace}:replies:test"
+    events = keys.events("job")
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
     pubsub.get_message(timeout=1)
 
     assert (
-        finish(keys=[key], args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b"reply-1"]) == 1
+        finish(
+            keys=[key], args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b"reply-1", events]
+        )
+        == 1
     )
     assert (
-        finish(keys=[key], args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b"reply-2"])
+        finish(
+            keys=[key],
+            args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b"reply-2", events],
+        )
         == 0
     )
 
@@ -118,5 +126,6 @@ def test_finish_does_not_recreate_an_expired_record(
 ) -> None:
     finish = redis_client.register_script(FINISH_SCRIPT)
     key = Keys(namespace).job("job_gone")
-    assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b""]) == 0
+    events = Keys(namespace).events("job_gone")
+    assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b"", events]) == 0
     assert not redis_client.exists(key)

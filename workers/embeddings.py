@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from models.embedding import EmbeddingModel, reduce_dimensions
+from workers.hooks import BatchHooks
 from workers.protocol import Job, JobStatus, Outcome
 
 
@@ -28,7 +29,7 @@ class EmbeddingRunner:
         self.model_id = model_id
         self.model = model
 
-    def run(self, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
+    def run(self, jobs: list[Job], hooks: BatchHooks) -> tuple[list[Outcome], list[int]]:
         """Outcomes in the order of ``jobs``, and the forward-pass sizes used."""
         texts = [text for job in jobs for text in job.input["input"]]
         embedded = self.model.embed(texts)

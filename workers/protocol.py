@@ -57,6 +57,21 @@ class Keys:
         """Pub/sub channel on which one API process hears its jobs finish."""
         return f"{self.namespace}:replies:{listener}"
 
+    def events(self, job_id: str) -> str:
+        """Pub/sub channel of one job's life: started, progress, its final status."""
+        return f"{self.namespace}:events:{{{job_id}}}"
+
+    def cancellations(self) -> str:
+        """Pub/sub channel on which workers hear of cancelled jobs."""
+        return f"{self.namespace}:cancellations"
+
+    def file(self, file_id: str) -> str:
+        """A generated image kept for `GET /v1/files/{id}`."""
+        return f"{self.namespace}:file:{{{file_id}}}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.namespace}:idempotency:{{{key}}}"
+
     def workers(self) -> str:
         """Hash of live workers: worker id → JSON heartbeat."""
         return f"{self.namespace}:workers"
@@ -80,7 +95,8 @@ class Job:
     deadline: float
     id: str = field(default_factory=new_job_id)
     created_at: float = field(default_factory=time.time)
-    reply_to: str | None = None
+    reply_to: str | None = None  # the API process waiting for it, if any
+    webhook: str | None = None  # URL told of its end
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -92,6 +108,7 @@ class Job:
                 "deadline": self.deadline,
                 "created_at": self.created_at,
                 "reply_to": self.reply_to,
+                "webhook": self.webhook,
             }
         )
 
@@ -106,11 +123,12 @@ class Job:
             deadline=float(data["deadline"]),
             created_at=float(data["created_at"]),
             reply_to=data.get("reply_to"),
+            webhook=data.get("webhook"),
         )
 
     def hash_fields(self) -> Mapping[Any, str | float | int]:
         """The job's record in Redis as it is first written, before any worker sees it."""
-        return {
+        fields: dict[str, str | float | int] = {
             "type": self.type.value,
             "model": self.model,
             "status": JobStatus.QUEUED.value,
@@ -118,6 +136,39 @@ class Job:
             "deadline": self.deadline,
             "attempts": 0,
         }
+        if self.webhook:
+            fields["webhook"] = self.webhook
+        return fields
+
+
+def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """A job as `GET /v1/jobs/{id}`, its events and its webhook show it."""
+
+    def number(name: bytes) -> float | None:
+        return float(record[name]) if name in record else None
+
+    def document(name: bytes) -> Any:
+        return orjson.loads(record[name]) if name in record else None
+
+    return {
+        "id": job_id,
+        "object": "job",
+        "type": record[b"type"].decode(),
+        "model": record[b"model"].decode(),
+        "status": record[b"status"].decode(),
+        "progress": document(b"progress"),
+        "attempts": int(record.get(b"attempts", b"0")),
+        "created_at": number(b"created_at"),
+        "started_at": number(b"started_at"),
+        "finished_at": number(b"finished_at"),
+        "webhook": record[b"webhook"].decode() if b"webhook" in record else None,
+        "error": document(b"error"),
+        "result": document(b"result"),
+    }
+
+
+class InvalidJobInput(ValueError):
+    """A job asks for something its model cannot do: it fails as the client's error."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +190,7 @@ class Outcome:
     status: JobStatus
     result: bytes | None = None  # the JSON body the synchronous route answers with
     error: JobError | None = None
+    files: dict[str, bytes] = field(default_factory=dict)  # file id → PNG, for url results
 
 
 def reply_message(job_id: str, outcome: Outcome) -> bytes:
@@ -156,19 +208,21 @@ def reply_message(job_id: str, outcome: Outcome) -> bytes:
 # Scripts keep status changes atomic per job, so that a redelivered or late
 # worker never flips a terminal status and a cancelled job never starts.
 
-# KEYS[1] job hash; ARGV: now. Returns {status, attempts} after the attempt.
+# KEYS[1] job hash; ARGV: now, events channel. Returns {status, attempts}
+# after the attempt, and announces the start on the job's events channel.
 START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('PUBLISH', ARGV[2], '{"event":"started","attempts":' .. attempts .. '}')
 return {'running', attempts}
 """
 
-# KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply.
-# Returns 1 when this call set the terminal status (and published the reply),
-# 0 when the job had already ended.
+# KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply,
+# events channel. Returns 1 when this call set the terminal status (and
+# published the reply and the final event), 0 when the job had already ended.
 FINISH_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
@@ -180,5 +234,6 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+redis.call('PUBLISH', ARGV[8], '{"event":"' .. ARGV[1] .. '"}')
 return 1
 """

@@ -3,9 +3,10 @@
 Life cycle:
 1. ``setup``: choose device and dtype, load every model it serves (warm), make
    sure each model's stream has the consumer group.
-2. loop: read up to ``HEARTH_MAX_BATCH_JOBS`` entries across the streams
-   (``XREADGROUP``), then per model: start the jobs (skipping cancelled and
-   expired ones), run them as one batch, store each outcome, acknowledge.
+2. loop: read the next batch (up to ``HEARTH_MAX_BATCH_JOBS`` embedding jobs
+   or ``HEARTH_MAX_BATCH_IMAGES`` image jobs of one model), start its jobs
+   (skipping cancelled and expired ones), run them as one batch on the
+   inference thread, store each outcome, acknowledge.
 3. heartbeat: every ``HEARTH_HEARTBEAT_S`` the worker tells Redis which models
    it holds; the API uses that for readiness and routing.
 4. on SIGTERM or SIGINT it stops reading, finishes the batch it holds, exits.
@@ -35,12 +36,15 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from hearth.settings import Settings
+from models.components import ComponentCache
 from models.device import Placement, choose_placement
 from models.registry import ModelKind, ModelSpec
+from workers.hooks import BatchHooks
 from workers.protocol import (
     CONSUMER_GROUP,
     FINISH_SCRIPT,
     START_SCRIPT,
+    InvalidJobInput,
     Job,
     JobError,
     JobStatus,
@@ -48,6 +52,7 @@ from workers.protocol import (
     Outcome,
     reply_message,
 )
+from workers.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -55,36 +60,48 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP
 
 READ_BLOCK_MS = 1000
 RETRY_PAUSE_S = 1.0
+CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
 
 
 class Runner(Protocol):
-    def run(self, jobs: list[Job]) -> tuple[list[Outcome], list[int]]: ...
+    def run(self, jobs: list[Job], hooks: BatchHooks) -> tuple[list[Outcome], list[int]]: ...
 
 
-def load_runner(spec: ModelSpec, placement: Placement, settings: Settings) -> Runner:
+def load_runner(
+    spec: ModelSpec, placement: Placement, settings: Settings, cache: ComponentCache
+) -> Runner:
     if spec.kind is ModelKind.EMBEDDING:
         from models.embedding import EmbeddingModel
         from workers.embeddings import EmbeddingRunner
 
-        return EmbeddingRunner(
-            spec.id, EmbeddingModel(spec.path, placement, settings.max_batch_tokens)
-        )
-    raise ValueError(f"model {spec.id}: kind {spec.kind} has no runner")
+        model = EmbeddingModel(spec.path, placement, settings.max_batch_tokens)
+        return EmbeddingRunner(spec.id, model)
+    from models.diffusion import load_text_to_image
+    from workers.images import ImageRunner
+
+    pipe = load_text_to_image(spec.path, placement, cache)
+    return ImageRunner(spec.id, pipe, settings.max_batch_images)
 
 
-def run_guarded(runner: Runner, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
+def run_guarded(
+    runner: Runner, jobs: list[Job], hooks: BatchHooks
+) -> tuple[list[Outcome], list[int]]:
     """Run a batch; if it raises, run its jobs one by one so only the job at
     fault fails and the others still get their result."""
     try:
-        return runner.run(jobs)
+        return runner.run(jobs, hooks)
     except Exception as exc:
         if len(jobs) == 1:
-            logger.exception("job %s failed", jobs[0].id)
-            return [Outcome(JobStatus.FAILED, error=JobError(f"inference failed: {exc}"))], []
+            if isinstance(exc, InvalidJobInput):
+                error = JobError(str(exc), "invalid_request_error")
+            else:
+                logger.exception("job %s failed", jobs[0].id)
+                error = JobError(f"inference failed: {exc}")
+            return [Outcome(JobStatus.FAILED, error=error)], []
     outcomes: list[Outcome] = []
     sizes: list[int] = []
     for job in jobs:
-        job_outcomes, job_sizes = run_guarded(runner, [job])
+        job_outcomes, job_sizes = run_guarded(runner, [job], hooks)
         outcomes += job_outcomes
         sizes += job_sizes
     return outcomes, sizes
@@ -102,6 +119,7 @@ class Worker:
         self.runners: dict[str, Runner] = {}
         self.placement: Placement | None = None
         self.started_at = time.time()
+        self.cancelled: dict[str, float] = {}  # job id → when its cancellation was heard
         self._streams = {self.keys.stream(model_id): model_id for model_id in self.specs}
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -114,9 +132,10 @@ class Worker:
         )
         self._start = self.redis.register_script(START_SCRIPT)
         self._finish = self.redis.register_script(FINISH_SCRIPT)
+        self.webhooks = WebhookSender(settings, self.redis, self.keys)
 
     def stop(self) -> None:
-        logger.info("worker %s: stopping after the current batch", self.name)
+        logger.info("worker %s: stopping after the batch it holds", self.name)
         self._stopping.set()
 
     async def run(self) -> None:
@@ -125,12 +144,17 @@ class Worker:
             loop.add_signal_handler(sig, self.stop)
         try:
             await self.setup()
-            heartbeat = asyncio.create_task(self._heartbeat())
+            background = [
+                asyncio.create_task(self._heartbeat()),
+                asyncio.create_task(self._hear_cancellations()),
+            ]
             try:
                 await self._consume()
             finally:
-                heartbeat.cancel()
-                await asyncio.gather(heartbeat, return_exceptions=True)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await self.webhooks.drain()
         finally:
             await self._leave()
             self._executor.shutdown(wait=True)
@@ -141,10 +165,11 @@ class Worker:
 
             torch.set_num_threads(self.settings.torch_threads)
         self.placement = choose_placement(self.device)
+        cache = ComponentCache()
         for spec in self.specs.values():
             started = time.perf_counter()
             self.runners[spec.id] = await self._in_thread(
-                load_runner, spec, self.placement, self.settings
+                load_runner, spec, self.placement, self.settings, cache
             )
             logger.info(
                 "worker %s: loaded %s on %s in %.1f s",
@@ -166,18 +191,16 @@ class Worker:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def _batch_limit(self, model_id: str) -> int:
+        if self.specs[model_id].kind is ModelKind.IMAGE:
+            return self.settings.max_batch_images
+        return self.settings.max_batch_jobs
+
     async def _consume(self) -> None:
         while not self._stopping.is_set():
             try:
-                response = await self.redis.xreadgroup(
-                    CONSUMER_GROUP,
-                    self.name,
-                    dict.fromkeys(self._streams, ">"),
-                    count=self.settings.max_batch_jobs,
-                    block=READ_BLOCK_MS,
-                )
-                for stream, entries in cast(list[tuple[bytes, Entries]], response or []):
-                    await self._run_batch(self._streams[stream.decode()], entries)
+                for model_id, entries in await self._read():
+                    await self._run_batch(model_id, entries)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
                 await self._pause()
@@ -186,6 +209,45 @@ class Worker:
                     raise
                 # Redis lost its data (restarted without persistence): recreate the groups.
                 await self._ensure_groups()
+
+    async def _read(self) -> list[tuple[str, Entries]]:
+        """The next batch of each model that has work, waiting up to a second for any."""
+        if len(self._streams) == 1:
+            (stream,) = self._streams
+            taken = await self._take({stream: 0}, block_ms=READ_BLOCK_MS)
+        else:
+            taken = await self._take(dict.fromkeys(self._streams, 0))
+            if not taken:
+                # One blocking read across the streams, one entry each: COUNT is shared
+                # by every stream in a read, and models differ in their batch limits.
+                taken = await self._take(dict.fromkeys(self._streams, 0), block_ms=READ_BLOCK_MS)
+        return [(self._streams[stream], entries) for stream, entries in taken.items()]
+
+    async def _take(
+        self, streams: dict[str, int], block_ms: int | None = None
+    ) -> dict[str, Entries]:
+        """Read from each stream up to its batch limit, less the entries already held.
+
+        Without ``block_ms`` the reads are pipelined and return at once; with it,
+        one read waits that long for the first entry in any of the streams.
+        """
+        if block_ms is not None:
+            count = 1 if len(streams) > 1 else self._batch_limit(self._streams[next(iter(streams))])
+            reply = await self.redis.xreadgroup(
+                CONSUMER_GROUP, self.name, dict.fromkeys(streams, ">"), count=count, block=block_ms
+            )
+            replies = [reply]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, held in streams.items():
+                count = self._batch_limit(self._streams[stream]) - held
+                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: ">"}, count=max(count, 1))
+            replies = await pipe.execute()
+        taken: dict[str, Entries] = {}
+        for reply in replies:
+            for key, entries in cast(list[tuple[bytes, Entries]], reply or []):
+                taken[key.decode()] = entries
+        return taken
 
     async def _pause(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -206,7 +268,7 @@ class Worker:
         outcomes: dict[str, Outcome] = dict(ended)
         sizes: list[int] = []
         if runnable:
-            results, sizes = await self._in_thread(run_guarded, self.runners[model_id], runnable)
+            results, sizes = await self._compute(model_id, runnable)
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
 
         now = time.time()
@@ -220,13 +282,24 @@ class Worker:
         for size in sizes:
             pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
         await pipe.execute()
+        for job in jobs:
+            self.cancelled.pop(job.id, None)
+            if job.webhook and job.id in outcomes:
+                self.webhooks.send(job.id, job.webhook)
+
+    async def _compute(self, model_id: str, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
+        hooks = _Hooks(self, asyncio.get_running_loop())
+        outcomes = await self._in_thread(run_guarded, self.runners[model_id], jobs, hooks)
+        return cast(tuple[list[Outcome], list[int]], outcomes)
 
     async def _start_jobs(self, jobs: list[Job]) -> tuple[list[Job], dict[str, Outcome]]:
         """Mark jobs running; return those to run and outcomes for those that must not."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
-            await self._start(keys=[self.keys.job(job.id)], args=[now], client=pipe)
+            await self._start(
+                keys=[self.keys.job(job.id)], args=[now, self.keys.events(job.id)], client=pipe
+            )
         replies = await pipe.execute()
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
@@ -238,7 +311,7 @@ class Worker:
                 ended[job.id] = Outcome(
                     JobStatus.EXPIRED,
                     error=JobError(
-                        "the job's deadline passed before a worker could run it", "timeout"
+                        "the deadline passed before a worker could run the job", "timeout"
                     ),
                 )
             else:
@@ -246,6 +319,8 @@ class Worker:
         return runnable, ended
 
     async def _store(self, pipe: Any, job: Job, outcome: Outcome, now: float) -> None:
+        for file_id, content in outcome.files.items():
+            pipe.set(self.keys.file(file_id), content, ex=self.settings.result_ttl_s)
         error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
         await self._finish(
             keys=[self.keys.job(job.id)],
@@ -257,9 +332,41 @@ class Worker:
                 error,
                 job.reply_to or "",
                 reply_message(job.id, outcome) if job.reply_to else b"",
+                self.keys.events(job.id),
             ],
             client=pipe,
         )
+
+    def report_progress(self, job_ids: list[str], step: int, total: int) -> None:
+        """Called on the event loop: record and announce a batch's progress."""
+        progress = orjson.dumps({"step": step, "total": total})
+        event = orjson.dumps({"event": "progress", "step": step, "total": total})
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hset(self.keys.job(job_id), "progress", progress)
+            pipe.publish(self.keys.events(job_id), event)
+        task = asyncio.create_task(pipe.execute())
+        task.add_done_callback(_log_failure)
+
+    async def _hear_cancellations(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.cancellations())
+                while True:
+                    message = await pubsub.get_message(timeout=RETRY_PAUSE_S)
+                    now = time.monotonic()
+                    if message is not None:
+                        self.cancelled[message["data"].decode()] = now
+                    for job_id, heard in list(self.cancelled.items()):
+                        if now - heard > CANCEL_MEMORY_S:
+                            del self.cancelled[job_id]
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("worker %s: cancellations unheard (%s); retrying", self.name, exc)
+                await asyncio.sleep(RETRY_PAUSE_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _heartbeat(self) -> None:
         while True:
@@ -283,3 +390,22 @@ class Worker:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
         await self.redis.aclose()
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("progress report failed: %s", task.exception())
+
+
+class _Hooks:
+    """BatchHooks for the inference thread, handing progress to the event loop."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+
+    def progress(self, job_ids: list[str], step: int, total: int) -> None:
+        self.loop.call_soon_threadsafe(self.worker.report_progress, job_ids, step, total)
+
+    def cancelled(self, job_id: str) -> bool:
+        return job_id in self.worker.cancelled
