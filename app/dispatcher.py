@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.protocol import FINISH_SCRIPT, TERMINAL_STATUSES, Job, JobStatus, Keys
+from workers.protocol import FINISH_SCRIPT, TERMINAL_STATUSES, Job, JobStatus, Keys, job_view
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,11 @@ class Dispatcher:
                         return reply
         finally:
             self._waiting.pop(job.id, None)
+
+    async def view(self, job_id: str) -> dict[str, Any] | None:
+        """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""
+        record = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
+        return job_view(job_id, record) if record else None
 
     async def _read_outcome(self, job_id: str) -> dict[str, Any] | None:
         fields = await self.redis.hmget(self.keys.job(job_id), "status", "result", "error")

@@ -7,6 +7,7 @@
     ├── Unauthorized          401  no or wrong API key
     ├── NotFound              404  unknown model, job or route
     ├── MethodNotAllowed      405  the route exists, not with this method
+    ├── Conflict              409  the job already ended: nothing to cancel
     ├── PayloadTooLarge       413  the body is over the limit
     ├── Overloaded            429  queue full or rate-limited (with Retry-After)
     ├── InferenceFailed       500  the model raised while running the job
@@ -63,6 +64,9 @@ class NotFound(HearthError): ...
 class MethodNotAllowed(HearthError): ...
 
 
+class Conflict(HearthError): ...
+
+
 class PayloadTooLarge(HearthError): ...
 
 
@@ -84,6 +88,7 @@ ERROR_TABLE: dict[type[HearthError], tuple[int, str]] = {
     Unauthorized: (401, "authentication_error"),
     NotFound: (404, "not_found_error"),
     MethodNotAllowed: (405, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),
     InferenceFailed: (500, "server_error"),

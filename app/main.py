@@ -14,7 +14,7 @@ import hearth
 from app import errors
 from app.dispatcher import Dispatcher
 from app.fleet import Fleet
-from app.routes import embeddings, health, models
+from app.routes import embeddings, files, health, images, jobs, models
 from app.state import AppState
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
@@ -65,6 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.hearth = state
     errors.install(app)
-    for module in (embeddings, models, health):
+    for module in (embeddings, images, jobs, files, models, health):
         app.include_router(module.router)
     return app

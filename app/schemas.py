@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl
 
 
 def _check_input(value: Any) -> Any:
@@ -84,22 +84,6 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "hearth"
-    kind: str = Field(description="What the model does: `embedding`.")
-    dimension: int | None = Field(default=None, description="Length of one embedding.")
-    max_tokens: int | None = Field(default=None, description="Longer inputs are truncated.")
-    workers: list[str] = Field(description="Live workers holding the model warm.")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -109,3 +93,111 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations`: OpenAI's fields, plus Hearth's extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        min_length=1, description="What to draw.", examples=["a lighthouse at dusk"]
+    )
+    model: str = Field(
+        description="An image model id from `GET /v1/models`.", examples=["demo-unet"]
+    )
+    n: int = Field(default=1, ge=1, description="How many images (each gets seed, seed+1, …).")
+    size: str | None = Field(
+        default=None,
+        pattern=SIZE_PATTERN,
+        description='"WIDTHxHEIGHT", e.g. "512x512", or "auto" for the model\'s own size.',
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json",
+        description="`b64_json`: the PNG inline. `url`: a link to `GET /v1/files/{id}`.",
+    )
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    num_inference_steps: int | None = Field(default=None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(
+        default=None, ge=0, description="Classifier-free guidance strength."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 1,
+        description="Same request and seed, same image. Unset: a random seed, reported back.",
+    )
+    scheduler: str | None = Field(
+        default=None, description="A scheduler name (e.g. `ddim`, `euler_a`, `dpmpp_2m`)."
+    )
+    quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    style: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+
+
+class Image(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int = Field(description="The seed this image was generated with.")
+
+
+class ImageResponse(BaseModel):
+    created: int
+    data: list[Image]
+
+
+class JobRequest(BaseModel):
+    """`POST /v1/jobs`: any request body, queued; the answer comes later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["embeddings", "images.generations"] = Field(
+        description="Which route's body `input` is."
+    )
+    input: dict[str, Any] = Field(description="The body the synchronous route takes.")
+    webhook: HttpUrl | None = Field(
+        default=None, description="Told of the job's end by a signed POST of the job."
+    )
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class JobView(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    type: str
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+    progress: Progress | None = None
+    attempts: int
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    webhook: str | None = None
+    error: ErrorDetail | None = None
+    result: dict[str, Any] | None = Field(
+        default=None, description="When succeeded: the body the synchronous route answers."
+    )
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "hearth"
+    kind: str = Field(description="What the model does: `embedding` or `image`.")
+    dimension: int | None = Field(default=None, description="Length of one embedding.")
+    max_tokens: int | None = Field(default=None, description="Longer inputs are truncated.")
+    workers: list[str] = Field(description="Live workers holding the model warm.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

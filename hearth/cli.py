@@ -98,6 +98,21 @@ def worker(
     asyncio.run(Worker(settings, specs, settings.device).run())
 
 
+@models_app.command("demo")
+def demo_models(
+    overwrite: Annotated[bool, typer.Option(help="Rebuild folders that exist already")] = False,
+) -> None:
+    """Write the small random-weight demo pipelines (demo-unet, demo-dit) into the model store."""
+    from models.demo import build_demo_models
+
+    settings = load_settings()
+    written = build_demo_models(settings.model_store, overwrite=overwrite)
+    for folder in written:
+        typer.echo(f"wrote {folder}")
+    if not written:
+        typer.echo(f"the demo models are already in {settings.model_store} (--overwrite rebuilds)")
+
+
 @models_app.command("list")
 def list_models() -> None:
     """List the model ids the registry finds, with their kind and folder."""

@@ -25,8 +25,22 @@ logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 30.0
 
 
+def ensure_image_models(settings: Settings) -> None:
+    """On a store without any image model, write the demo ones, so images work at once."""
+    from models.registry import ModelKind, Registry
+
+    if any(spec.kind is ModelKind.IMAGE for spec in Registry.scan(settings.model_store)):
+        return
+    from models.demo import build_demo_models
+
+    for folder in build_demo_models(settings.model_store):
+        logger.info("no image model in the store: wrote the demo model %s", folder)
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     settings.model_store.mkdir(parents=True, exist_ok=True)
+    if not settings.models:
+        ensure_image_models(settings)
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:

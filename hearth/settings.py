@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=60.0, gt=0, description="Deadline of a synchronous request; past it, 504."
     )
+    job_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Deadline of a queued (async) job; past it, expired."
+    )
     result_ttl_s: int = Field(
         default=3600, ge=1, description="How long jobs and their results stay readable in Redis."
     )

@@ -6,8 +6,11 @@ model store, so image generation can be run and tested without a model hub:
 - ``demo-unet``: Stable-Diffusion style (CLIP text encoder, U-Net, DDIM);
 - ``demo-dit``: PixArt-Sigma style (T5 text encoder, DiT transformer, DDIM).
 
-Both share one small VAE (scale factor 8: a 64x64 image is an 8x8 latent) and
-generate 64x64 images in a fraction of a second on a CPU. Their tokenizers are
+Both use one small VAE (scale factor 8: a 64x64 image is an 8x8 latent): the
+files in ``demo-dit/vae`` are hard links to those in ``demo-unet/vae``, so a
+worker serving both loads it once (see ``models.components``). They generate
+64x64 images in a fraction of a second on a CPU, and accept up to 512x512
+(their ``hearth.yaml``). Their tokenizers are
 trained here on a small built-in corpus; the trained vocabularies are put in a
 canonical order, so every build writes the same files and, for the same seed,
 the same pixels. The images are noise, not pictures: the weights are random.
@@ -24,6 +27,7 @@ import shutil
 import string
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +272,26 @@ def _dit_pipeline() -> Any:
 _BUILDERS: dict[str, Callable[[], Any]] = {"demo-unet": _unet_pipeline, "demo-dit": _dit_pipeline}
 
 
-def _write_atomically(build: Callable[[], Any], target: Path, *, overwrite: bool) -> bool:
+LIMITS = "max_width: 512\nmax_height: 512\ndefault_steps: 20\n"
+
+
+def _finish(folder: Path, store: Path, model_id: str) -> None:
+    """Add the serving limits, and share the VAE files with demo-unet when it is there."""
+    (folder / "hearth.yaml").write_text(LIMITS)
+    shared_vae = store / DEMO_MODEL_IDS[0] / "vae"
+    if model_id != DEMO_MODEL_IDS[0] and shared_vae.is_dir():
+        shutil.rmtree(folder / "vae")
+        (folder / "vae").mkdir()
+        for source in shared_vae.iterdir():
+            try:
+                os.link(source, folder / "vae" / source.name)
+            except OSError:  # another file system: a copy still works, unshared
+                shutil.copy2(source, folder / "vae" / source.name)
+
+
+def _write_atomically(
+    build: Callable[[], Any], target: Path, *, overwrite: bool, finish: Callable[[Path], None]
+) -> bool:
     """Build a pipeline into a hidden sibling folder, then rename it to ``target``.
 
     A crash leaves at most a dot-folder behind (the registry ignores those),
@@ -284,6 +307,7 @@ def _write_atomically(build: Callable[[], Any], target: Path, *, overwrite: bool
         pipe = build()
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(staging, safe_serialization=True)
+        finish(staging)
         if target.exists():  # only when overwriting
             target.rename(retired)
         try:
@@ -312,6 +336,7 @@ def build_demo_models(store: Path, *, overwrite: bool = False) -> list[Path]:
     written: list[Path] = []
     for model_id in DEMO_MODEL_IDS:
         target = store / model_id
-        if _write_atomically(_BUILDERS[model_id], target, overwrite=overwrite):
+        finish = partial(_finish, store=store, model_id=model_id)
+        if _write_atomically(_BUILDERS[model_id], target, overwrite=overwrite, finish=finish):
             written.append(target)
     return written

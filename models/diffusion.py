@@ -56,7 +56,7 @@ def load_text_to_image(folder: Path, placement: Placement, cache: ComponentCache
         )
     pipe: Pipeline = AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
         folder,
-        torch_dtype=placement.dtype,
+        dtype=placement.dtype,
         use_safetensors=True,
         local_files_only=True,
         **shared,

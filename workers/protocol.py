@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -126,6 +126,9 @@ class Job:
             webhook=data.get("webhook"),
         )
 
+    def with_webhook(self, url: str) -> Job:
+        return replace(self, webhook=url)
+
     def hash_fields(self) -> Mapping[Any, str | float | int]:
         """The job's record in Redis as it is first written, before any worker sees it."""
         fields: dict[str, str | float | int] = {
@@ -169,6 +172,16 @@ def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any]:
 
 class InvalidJobInput(ValueError):
     """A job asks for something its model cannot do: it fails as the client's error."""
+
+
+def absolute_urls(view: dict[str, Any], base_url: str | None) -> dict[str, Any]:
+    """Prefix the relative file URLs in a job view's images result with ``base_url``."""
+    result = view.get("result")
+    if base_url and isinstance(result, dict):
+        for item in result.get("data", []):
+            if isinstance(item, dict) and str(item.get("url") or "").startswith("/"):
+                item["url"] = base_url.rstrip("/") + item["url"]
+    return view
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Any, cast
+from typing import cast
 
 import httpx
 import orjson
@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hearth.settings import Settings
-from workers.protocol import Keys, job_view
+from workers.protocol import Keys, absolute_urls, job_view
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,6 @@ class DeliveryFailed(Exception):
 def signature(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
-
-
-def absolute_urls(view: dict[str, Any], base_url: str | None) -> dict[str, Any]:
-    """Prefix the relative file URLs of an images result with ``base_url``."""
-    result = view.get("result")
-    if base_url and isinstance(result, dict):
-        for item in result.get("data", []):
-            if isinstance(item, dict) and str(item.get("url", "")).startswith("/"):
-                item["url"] = base_url.rstrip("/") + item["url"]
-    return view
 
 
 class WebhookSender:

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from app.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
+from app.errors import InvalidRequest
 from app.responses import JSONResponse
 from app.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody
-from app.state import StateDep
+from app.state import AppState, StateDep
+from app.submit import respond
 from models.registry import ModelKind
-from workers.protocol import Job, JobStatus, JobType
+from workers.protocol import Job, JobType
 
 router = APIRouter(tags=["embeddings"])
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 429, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 500, 503, 504)}
 
 
-@router.post(
-    "/v1/embeddings",
-    response_model=EmbeddingResponse,
-    responses=ERRORS,  # type: ignore[arg-type]
-    summary="Embed text",
-)
-async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResponse:
-    """Embed one string or a list of strings with an embedding model (OpenAI's shape)."""
+def prepare(
+    body: EmbeddingRequest, state: AppState, deadline_s: float, reply_to: str | None = None
+) -> Job:
+    """Check ``body`` against the model and the limits; the job to queue for it."""
     spec = state.model(body.model, ModelKind.EMBEDDING)
-    assert spec.dimension is not None
     settings = state.settings
     texts = body.texts
     if len(texts) > settings.max_inputs:
@@ -44,19 +41,13 @@ async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResp
                 f"Invalid '{param}': {len(text)} characters, at most {settings.max_input_chars}.",
                 param=param,
             )
-    if body.dimensions is not None and body.dimensions > spec.dimension:
+    if body.dimensions is not None and spec.dimension and body.dimensions > spec.dimension:
         raise InvalidRequest(
             f"Invalid 'dimensions': {body.dimensions}; model '{spec.id}' has {spec.dimension}, "
             f"so use 1 to {spec.dimension}.",
             param="dimensions",
         )
-    if not await state.fleet.holders(spec.id):
-        raise Unavailable(
-            f"No live worker holds the model '{spec.id}'; start one with `hearth worker`.",
-            code="no_worker",
-        )
-
-    job = Job(
+    return Job(
         type=JobType.EMBEDDINGS,
         model=spec.id,
         input={
@@ -64,19 +55,22 @@ async def create_embeddings(body: EmbeddingRequest, state: StateDep) -> JSONResp
             "encoding_format": body.encoding_format,
             "dimensions": body.dimensions,
         },
-        deadline=time.time() + settings.request_timeout_s,
-        reply_to=state.dispatcher.channel,
+        deadline=time.time() + deadline_s,
+        reply_to=reply_to,
     )
-    try:
-        reply = await state.dispatcher.run(job)
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"No result within {settings.request_timeout_s:g} s; the job was cancelled.",
-            code="deadline_exceeded",
-        ) from None
-    if reply["status"] != JobStatus.SUCCEEDED:
-        error = reply.get("error") or {}
-        raise InferenceFailed(
-            error.get("message", f"the job ended {reply['status']}"), code=reply["status"]
-        )
-    return JSONResponse(reply["result"])
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=ERRORS,  # type: ignore[arg-type]
+    summary="Embed text",
+)
+async def create_embeddings(
+    body: EmbeddingRequest, request: Request, state: StateDep
+) -> JSONResponse:
+    """Embed one string or a list of strings with an embedding model (OpenAI's shape).
+
+    With `Prefer: respond-async` the answer is `202` with a job to poll instead.
+    """
+    return await respond(state, request, partial(prepare, body, state))
