@@ -19,9 +19,18 @@ from models.demo import DEMO_MODEL_IDS, build_demo_models
 
 PROMPT = "a photo of a cat"
 LAYOUT = {
-    "demo-unet": {"model_index.json", "text_encoder", "tokenizer", "unet", "vae", "scheduler"},
+    "demo-unet": {
+        "model_index.json",
+        "hearth.yaml",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+        "scheduler",
+    },
     "demo-dit": {
         "model_index.json",
+        "hearth.yaml",
         "text_encoder",
         "tokenizer",
         "transformer",
@@ -90,6 +99,24 @@ def test_layout(store: Path) -> None:
         assert {p.name for p in (store / model_id).iterdir()} == expected
         assert list((store / model_id).rglob("*.safetensors"))
         assert not list((store / model_id).rglob("*.bin"))
+
+
+def test_the_vae_files_are_shared(store: Path) -> None:
+    """demo-dit's VAE is demo-unet's, file for file, so a worker loads it once."""
+    unet_vae = sorted((store / "demo-unet" / "vae").iterdir())
+    dit_vae = sorted((store / "demo-dit" / "vae").iterdir())
+    assert [p.name for p in unet_vae] == [p.name for p in dit_vae]
+    for a, b in zip(unet_vae, dit_vae, strict=True):
+        assert a.stat().st_ino == b.stat().st_ino
+
+
+def test_limits_file_lets_demo_models_go_to_512(store: Path) -> None:
+    from models.image_config import read_image_limits
+
+    limits = read_image_limits(store / "demo-unet")
+    assert (limits.max_width, limits.max_height) == (512, 512)
+    assert (limits.default_width, limits.default_height) == (64, 64)
+    assert limits.default_steps == 20
 
 
 @pytest.mark.parametrize("model_id", DEMO_MODEL_IDS)
