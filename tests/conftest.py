@@ -19,6 +19,7 @@ import redis
 from tests.support import Process, free_port, hearth_env, wait_for
 
 MODEL = "all-minilm-l6-v2"
+WEBHOOK_SECRET = "test-webhook-secret"
 
 
 def _redis_url() -> str:
@@ -78,6 +79,9 @@ def stack(
     redis_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
+    from models.demo import build_demo_models
+
+    build_demo_models(root / "models")
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     port = free_port()
     env = hearth_env(
@@ -87,6 +91,8 @@ def stack(
         HEARTH_MODELS_DIR=str(root / "models"),
         HEARTH_HEARTBEAT_S="0.5",
         HEARTH_WORKER_TTL_S="3",
+        HEARTH_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HEARTH_TORCH_THREADS="1",
     )
     worker = Process(["worker"], env, root / "worker.log")
     api = Process(["api", "--port", str(port)], env, root / "api.log")

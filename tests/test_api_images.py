@@ -1,0 +1,222 @@
+"""`POST /v1/images/generations` with the demo pipelines, through Redis and a worker."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import redis
+from PIL import Image
+
+from models.schedulers import NOISE_SCHEDULERS
+from tests.conftest import Stack
+from workers.protocol import Keys
+
+pytestmark = pytest.mark.integration
+
+MODELS = ("demo-unet", "demo-dit")
+
+
+def generate(client: httpx.Client, **body: Any) -> httpx.Response:
+    request = {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, **body}
+    return client.post("/v1/images/generations", json=request)
+
+
+def pixels(item: dict[str, Any]) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def images_of(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    data: list[dict[str, Any]] = response.json()["data"]
+    return data
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generates_a_png_of_the_asked_size(client: httpx.Client, model: str) -> None:
+    (item,) = images_of(generate(client, model=model, size="128x64", seed=5))
+    assert pixels(item).shape == (64, 128, 3)
+    assert item["seed"] == 5
+    assert pixels(item).std() > 5  # not a flat image
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_same_seed_same_bytes_other_seed_other_image(client: httpx.Client, model: str) -> None:
+    first = images_of(generate(client, model=model, seed=11))[0]["b64_json"]
+    again = images_of(generate(client, model=model, seed=11))[0]["b64_json"]
+    other = images_of(generate(client, model=model, seed=12))[0]["b64_json"]
+    assert first == again
+    assert first != other
+
+
+def test_a_seed_is_chosen_and_reported_when_none_is_given(client: httpx.Client) -> None:
+    (item,) = images_of(generate(client, model="demo-dit"))
+    again = images_of(generate(client, model="demo-dit", seed=item["seed"]))[0]
+    assert again["b64_json"] == item["b64_json"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_n_images_take_consecutive_seeds(client: httpx.Client, model: str) -> None:
+    many = images_of(generate(client, model=model, n=3, seed=40))
+    assert [item["seed"] for item in many] == [40, 41, 42]
+    assert len({item["b64_json"] for item in many}) == 3
+    alone = images_of(generate(client, model=model, seed=41))[0]
+    # One call for three images equals three calls, to within float rounding of
+    # batched kernels (one level of 255 on a few pixels).
+    difference = np.abs(pixels(many[1]) - pixels(alone))
+    assert difference.max() <= 1
+    assert difference.mean() < 0.05
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("scheduler", sorted(NOISE_SCHEDULERS))
+def test_every_scheduler_runs(client: httpx.Client, model: str, scheduler: str) -> None:
+    (item,) = images_of(generate(client, model=model, scheduler=scheduler, seed=1))
+    assert pixels(item).shape == (64, 64, 3)
+
+
+def test_schedulers_change_the_image(client: httpx.Client) -> None:
+    ddim = images_of(generate(client, model="demo-unet", scheduler="ddim", seed=3))[0]
+    euler = images_of(generate(client, model="demo-unet", scheduler="euler_a", seed=3))[0]
+    assert ddim["b64_json"] != euler["b64_json"]
+
+
+def test_url_results_are_served_as_files(client: httpx.Client, stack: Stack) -> None:
+    (item,) = images_of(generate(client, model="demo-dit", response_format="url", seed=2))
+    assert "b64_json" not in item
+    assert item["url"].startswith(f"{stack.url}/v1/files/file_")
+    response = client.get(item["url"])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    inline = images_of(generate(client, model="demo-dit", seed=2))[0]
+    assert base64.b64decode(inline["b64_json"]) == response.content
+    missing = client.get("/v1/files/file_0000")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "file_not_found"
+
+
+def test_matching_requests_are_batched_and_each_equals_its_own(
+    stack: Stack, redis_client: redis.Redis
+) -> None:
+    stats = Keys(stack.namespace).batch_sizes("demo-dit")
+    redis_client.delete(stats)
+    seeds = list(range(100, 112))
+
+    def one(seed: int) -> np.ndarray:
+        with stack.client as http:
+            return pixels(
+                images_of(generate(http, model="demo-dit", seed=seed, num_inference_steps=20))[0]
+            )
+
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        together = list(pool.map(one, seeds))
+    sizes = {int(size): int(count) for size, count in redis_client.hgetall(stats).items()}
+    assert sum(size * count for size, count in sizes.items()) == len(seeds)
+    assert max(sizes) > 1, f"no request was batched with another: {sizes}"
+    # Batched float math rounds differently from a batch of one: at most one
+    # level of 255 on a few pixels, never a different image.
+    for seed, image in zip(seeds[:3], together, strict=False):
+        difference = np.abs(one(seed) - image)
+        assert difference.max() <= 1
+        assert difference.mean() < 0.05
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"size": "100x64"}, "size", "multiples of 8"),
+        ({"size": "1024x1024"}, "size", "512"),
+        ({"size": "32x32"}, "size", "64"),
+        ({"size": "big"}, "size", "pattern"),
+        ({"num_inference_steps": 151}, "num_inference_steps", "at most 150"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "greater than or equal to 1"),
+        ({"guidance_scale": 31}, "guidance_scale", "at most 30"),
+        ({"guidance_scale": -1}, "guidance_scale", "greater than or equal to 0"),
+        ({"n": 11}, "n", "at most 10"),
+        ({"n": 0}, "n", "greater than or equal to 1"),
+        ({"scheduler": "warp"}, "scheduler", "ddim"),
+        ({"scheduler": "flow_euler"}, "scheduler", "euler_a"),
+        ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+        ({"prompt": ""}, "prompt", "at least 1"),
+        ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"num_inference_stepz": 4}, "num_inference_stepz", "Extra inputs"),
+        ({"response_format": "jpeg"}, "response_format", "b64_json"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(
+    client: httpx.Client, body: dict[str, Any], param: str, words: str
+) -> None:
+    error = error_of(generate(client, model="demo-unet", **body), 400)
+    assert error["param"] == param
+    assert words in error["message"]
+
+
+def test_a_dit_needs_sizes_in_steps_of_its_patches(client: httpx.Client) -> None:
+    # VAE factor 8 times patch size 2: a width of 72 suits the U-Net, not the DiT.
+    assert images_of(generate(client, model="demo-unet", size="72x64"))
+    error = error_of(generate(client, model="demo-dit", size="72x64"), 400)
+    assert "multiples of 16" in error["message"]
+
+
+def test_the_model_must_exist_and_make_images(client: httpx.Client) -> None:
+    assert error_of(generate(client, model="nope"), 404)["code"] == "model_not_found"
+    error = error_of(generate(client, model="all-minilm-l6-v2"), 400)
+    assert error["code"] == "wrong_model_kind"
+    error = error_of(client.post("/v1/embeddings", json={"model": "demo-dit", "input": "x"}), 400)
+    assert error["param"] == "model"
+
+
+def test_models_list_shows_image_models(client: httpx.Client) -> None:
+    cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert cards["demo-unet"]["kind"] == "image"
+    assert cards["demo-dit"]["workers"]
+
+
+def test_the_openai_client_generates_with_extensions(stack: Stack) -> None:
+    oai = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    result = oai.images.generate(
+        model="demo-unet",
+        prompt="a red fox",
+        n=2,
+        size="64x64",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={
+            "seed": 9,
+            "num_inference_steps": 4,
+            "scheduler": "euler",
+            "negative_prompt": "blur",
+        },
+    )
+    assert result.data is not None and len(result.data) == 2
+    assert result.data[0].b64_json != result.data[1].b64_json
+    again = oai.images.generate(
+        model="demo-unet",
+        prompt="a red fox",
+        size="64x64",  # type: ignore[arg-type]
+        extra_body={
+            "seed": 9,
+            "num_inference_steps": 4,
+            "scheduler": "euler",
+            "negative_prompt": "blur",
+        },
+    )
+    assert again.data is not None
+    first = pixels({"b64_json": result.data[0].b64_json})
+    assert np.abs(first - pixels({"b64_json": again.data[0].b64_json})).max() <= 1
+    with pytest.raises(openai.BadRequestError):
+        oai.images.generate(model="demo-unet", prompt="x", size="100x100")  # type: ignore[arg-type]
+    oai.close()
