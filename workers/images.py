@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.05  # at most this often per call, besides the first and last step
 
 
+class CallCancelled(Exception):
+    """Raised from a step callback to leave a pipeline call whose jobs were all cancelled."""
+
+
 @dataclass(frozen=True)
 class CallShape:
     """What jobs must share to run in one pipeline call."""
@@ -68,6 +72,16 @@ class ImageRunner:
         self._own_scheduler = type(pipe.scheduler)
         accepted = inspect.signature(pipe.__call__).parameters
         self._takes_negative = "negative_prompt" in accepted
+        # Newer pipelines call callback_on_step_end(pipe, step, timestep, tensors) and
+        # honour pipe._interrupt; older ones (PixArt) call callback(step, timestep, latents).
+        self._step_end_callback = "callback_on_step_end" in accepted
+        if not self._step_end_callback and "callback" not in accepted:
+            raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
+        # Newer pipelines call callback_on_step_end(pipe, step, timestep, tensors) and
+        # honour pipe._interrupt; older ones (PixArt) call callback(step, timestep, latents).
+        self._step_end_callback = "callback_on_step_end" in accepted
+        if not self._step_end_callback and "callback" not in accepted:
+            raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
         # Hearth validates sizes itself: no silent resizing, no caption rewriting.
         self._extra = {
             name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted
@@ -121,34 +135,46 @@ class ImageRunner:
         ids = [job.id for job in jobs]
         last_report = [0.0]
 
-        def on_step(
-            pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
-        ) -> dict[str, Any]:
+        def after_step(step: int) -> bool:
+            """Report progress; True when every job of the call is cancelled."""
             done = step + 1
             now = time.monotonic()
             if done in (1, shape.steps) or now - last_report[0] >= PROGRESS_EVERY_S:
                 hooks.progress(ids, done, shape.steps)
                 last_report[0] = now
-            if all(hooks.cancelled(job_id) for job_id in ids):
+            return all(hooks.cancelled(job_id) for job_id in ids)
+
+        def on_step_end(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
+            if after_step(step):
                 pipe._interrupt = True  # diffusers' own way to stop at the next step
             return tensors
+
+        def on_step(step: int, _timestep: Any, _latents: Any) -> None:
+            if after_step(step):
+                raise CallCancelled  # older pipelines have no interrupt: leave the loop
 
         scheduler = scheduler_class(shape.scheduler) if shape.scheduler else self._own_scheduler
         self.pipe.scheduler = scheduler.from_config(self._scheduler_config)
         kwargs: dict[str, Any] = dict(self._extra)
         if self._takes_negative:
             kwargs["negative_prompt"] = negatives
-        images = self.pipe(
-            prompt=prompts,
-            width=shape.width,
-            height=shape.height,
-            num_inference_steps=shape.steps,
-            guidance_scale=shape.guidance,
-            generator=generators,
-            output_type="pil",
-            callback_on_step_end=on_step,
-            **kwargs,
-        ).images
+        if self._step_end_callback:
+            kwargs["callback_on_step_end"] = on_step_end
+        else:
+            kwargs.update(callback=on_step, callback_steps=1)
+        try:
+            images = self.pipe(
+                prompt=prompts,
+                width=shape.width,
+                height=shape.height,
+                num_inference_steps=shape.steps,
+                guidance_scale=shape.guidance,
+                generator=generators,
+                output_type="pil",
+                **kwargs,
+            ).images
+        except CallCancelled:
+            images = [None] * len(prompts)
 
         outcomes: dict[str, Outcome] = {}
         start = 0

@@ -233,6 +233,16 @@ redis.call('PUBLISH', ARGV[2], '{"event":"started","attempts":' .. attempts .. '
 return {'running', attempts}
 """
 
+# KEYS[1] job hash; ARGV: progress JSON, events channel, event. Records and
+# announces progress of a running job only, so a late report never outlives
+# (or recreates) the record of a job that has ended.
+PROGRESS_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
 # KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply,
 # events channel. Returns 1 when this call set the terminal status (and
 # published the reply and the final event), 0 when the job had already ended.

@@ -43,6 +43,7 @@ from workers.hooks import BatchHooks
 from workers.protocol import (
     CONSUMER_GROUP,
     FINISH_SCRIPT,
+    PROGRESS_SCRIPT,
     START_SCRIPT,
     InvalidJobInput,
     Job,
@@ -132,6 +133,8 @@ class Worker:
         )
         self._start = self.redis.register_script(START_SCRIPT)
         self._finish = self.redis.register_script(FINISH_SCRIPT)
+        self._progress = self.redis.register_script(PROGRESS_SCRIPT)
+        self._progress_writes: set[asyncio.Task[Any]] = set()
         self.webhooks = WebhookSender(settings, self.redis, self.keys)
 
     def stop(self) -> None:
@@ -270,6 +273,8 @@ class Worker:
         if runnable:
             results, sizes = await self._compute(model_id, runnable)
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
+            # Progress reports queued during the run land before the outcome does.
+            await asyncio.gather(*self._progress_writes, return_exceptions=True)
 
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
@@ -341,12 +346,22 @@ class Worker:
         """Called on the event loop: record and announce a batch's progress."""
         progress = orjson.dumps({"step": step, "total": total})
         event = orjson.dumps({"event": "progress", "step": step, "total": total})
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hset(self.keys.job(job_id), "progress", progress)
-            pipe.publish(self.keys.events(job_id), event)
-        task = asyncio.create_task(pipe.execute())
-        task.add_done_callback(_log_failure)
+
+        async def write() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                args: list[bytes | str] = [progress, self.keys.events(job_id), event]
+                await self._progress(keys=[self.keys.job(job_id)], args=args, client=pipe)
+            await pipe.execute()
+
+        task = asyncio.create_task(write())
+        self._progress_writes.add(task)
+        task.add_done_callback(self._progress_written)
+
+    def _progress_written(self, task: asyncio.Task[Any]) -> None:
+        self._progress_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("worker %s: progress report failed: %s", self.name, task.exception())
 
     async def _hear_cancellations(self) -> None:
         while True:
@@ -390,11 +405,6 @@ class Worker:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
         await self.redis.aclose()
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("progress report failed: %s", task.exception())
 
 
 class _Hooks:

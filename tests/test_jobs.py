@@ -1,0 +1,276 @@
+"""Queued jobs: 202 and polling, events, cancellation, webhooks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
+from tests.support import Process, free_port, wait_for
+
+pytestmark = pytest.mark.integration
+
+QUICK = {"model": "demo-dit", "prompt": "a quick one", "num_inference_steps": 4, "seed": 1}
+SLOW = {"model": "demo-unet", "prompt": "a slow one", "size": "512x512", "num_inference_steps": 150}
+
+
+def submit(client: httpx.Client, kind: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/jobs", json={"type": kind, "input": body, **extra})
+    assert response.status_code == 202, response.text
+    job: dict[str, Any] = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    return job
+
+
+def wait_until(
+    client: httpx.Client, job_id: str, done: Any, timeout_s: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
+
+
+def ended(job: dict[str, Any]) -> bool:
+    return job["status"] in {"succeeded", "failed", "cancelled", "expired"}
+
+
+def test_an_images_job_runs_and_keeps_its_result(client: httpx.Client) -> None:
+    job = submit(client, "images.generations", QUICK)
+    assert job["status"] == "queued"
+    assert job["attempts"] == 0
+    done = wait_until(client, job["id"], ended)
+    assert done["status"] == "succeeded"
+    assert done["attempts"] == 1
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    assert done["progress"] == {"step": 4, "total": 4}
+    sync = client.post("/v1/images/generations", json=QUICK).json()
+    assert done["result"]["data"][0]["b64_json"] == sync["data"][0]["b64_json"]
+
+
+def test_an_embeddings_job_gives_the_synchronous_body(client: httpx.Client) -> None:
+    job = submit(client, "embeddings", {"model": MODEL, "input": ["queued text"]})
+    done = wait_until(client, job["id"], ended)
+    sync = client.post("/v1/embeddings", json={"model": MODEL, "input": ["queued text"]}).json()
+    assert done["result"]["data"] == sync["data"]
+    assert done["result"]["usage"] == sync["usage"]
+
+
+def test_prefer_respond_async_on_an_openai_route(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/images/generations", json=QUICK, headers={"Prefer": "respond-async"}
+    )
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "respond-async"
+    assert wait_until(client, response.json()["id"], ended)["status"] == "succeeded"
+
+
+def test_job_input_is_validated_like_the_route(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/jobs", json={"type": "images.generations", "input": {**QUICK, "n": 0}}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "input.n"
+    response = client.post("/v1/jobs", json={"type": "videos", "input": {}})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "type"
+    response = client.post(
+        "/v1/jobs", json={"type": "embeddings", "input": {"model": "x", "input": "y"}}
+    )
+    assert response.status_code == 404
+
+
+def test_unknown_jobs_are_404(client: httpx.Client) -> None:
+    for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
+        response = client.request(method, f"/v1/jobs/job_nothing{path}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "job_not_found"
+
+
+def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Read a job's event stream to its end."""
+    received: list[tuple[str, dict[str, Any]]] = []
+    name = ""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.removeprefix("event:").strip()
+            elif line.startswith("data:"):
+                received.append((name, orjson.loads(line.removeprefix("data:").strip())))
+    return received
+
+
+def test_events_follow_a_job_to_its_end(client: httpx.Client) -> None:
+    body = {**QUICK, "size": "256x256", "num_inference_steps": 30}
+    job = submit(client, "images.generations", body)
+    received = events(client, job["id"])
+    names = [name for name, _ in received]
+    assert names[0] in {"queued", "started"}
+    assert "progress" in names
+    assert names[-1] == "succeeded"
+    progress = [data for name, data in received if name == "progress"]
+    assert all(item["total"] == 30 for item in progress)
+    assert [item["step"] for item in progress] == sorted(item["step"] for item in progress)
+    assert progress[-1]["step"] == 30
+    final = received[-1][1]
+    assert final["id"] == job["id"]
+    assert final["result"]["data"][0]["seed"] == 1
+
+
+def test_a_late_listener_gets_the_current_state_first(client: httpx.Client) -> None:
+    job = submit(client, "images.generations", QUICK)
+    wait_until(client, job["id"], ended)
+    received = events(client, job["id"])
+    assert [name for name, _ in received] == ["succeeded"]
+    assert received[0][1]["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("model", ["demo-unet", "demo-dit"])
+def test_cancelling_a_running_job_stops_it_and_frees_the_worker(
+    client: httpx.Client, model: str
+) -> None:
+    # demo-unet stops through diffusers' interrupt, demo-dit (an older pipeline
+    # API, with no interrupt) by leaving its step callback.
+    job = submit(client, "images.generations", {**SLOW, "model": model})
+    wait_until(client, job["id"], lambda j: (j["progress"] or {}).get("step", 0) >= 2)
+    cancelled_at = time.monotonic()
+    response = client.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    # The worker stops at its next step and takes the next job.
+    after = submit(client, "images.generations", QUICK)
+    assert wait_until(client, after["id"], ended, timeout_s=30)["status"] == "succeeded"
+    assert time.monotonic() - cancelled_at < 10
+    final = client.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "cancelled"
+    assert final["progress"]["step"] < 150
+    assert final["result"] is None
+    again = client.delete(f"/v1/jobs/{job['id']}")
+    assert again.status_code == 409
+    assert "already ended (cancelled)" in again.json()["error"]["message"]
+
+
+def test_a_queued_job_cancelled_never_runs(client: httpx.Client) -> None:
+    blocker = submit(client, "images.generations", SLOW)
+    wait_until(client, blocker["id"], lambda j: j["status"] == "running")
+    queued = submit(client, "images.generations", QUICK)
+    assert client.delete(f"/v1/jobs/{queued['id']}").status_code == 200
+    client.delete(f"/v1/jobs/{blocker['id']}")
+    probe = submit(client, "images.generations", QUICK)
+    wait_until(client, probe["id"], ended)
+    never = client.get(f"/v1/jobs/{queued['id']}").json()
+    assert never["status"] == "cancelled"
+    assert never["attempts"] == 0
+    assert never["started_at"] is None
+
+
+def test_cancelling_a_finished_job_says_so(client: httpx.Client) -> None:
+    job = submit(client, "images.generations", QUICK)
+    wait_until(client, job["id"], ended)
+    response = client.delete(f"/v1/jobs/{job['id']}")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "job_ended"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
+class Receiver:
+    """A local webhook endpoint that answers with the statuses it is given, then 200."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.received.append((dict(self.headers), body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait(self, count: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.received) >= count, f"got {len(self.received)} deliveries, wanted {count}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver([500, 503])  # the first two deliveries fail: retried
+    yield server
+    server.close()
+
+
+def test_webhooks_are_signed_and_retried(client: httpx.Client, receiver: Receiver) -> None:
+    job = submit(client, "images.generations", QUICK, webhook=receiver.url)
+    receiver.wait(3)
+    headers, body = receiver.received[-1]
+    signature = {
+        k: v for k, v in (part.split("=", 1) for part in headers["Hearth-Signature"].split(","))
+    }
+    expected = hmac.new(
+        WEBHOOK_SECRET.encode(), f"{signature['t']}.".encode() + body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(signature["v1"], expected)
+    assert abs(int(signature["t"]) - time.time()) < 60
+    delivered = orjson.loads(body)
+    assert delivered["id"] == job["id"] == headers["Hearth-Job-Id"]
+    assert delivered["status"] == "succeeded"
+    assert delivered["result"]["data"][0]["b64_json"]
+    time.sleep(1)  # a success is the end: no further delivery
+    assert len(receiver.received) == 3
+    assert all(retried == body for _, retried in receiver.received)
+
+
+def test_a_failing_webhook_never_fails_the_job(client: httpx.Client, stack: Stack) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/nobody-listens"
+    job = submit(client, "images.generations", QUICK, webhook=dead)
+    done = wait_until(client, job["id"], ended)
+    assert done["status"] == "succeeded"
+    assert done["webhook"] == dead
+
+
+def test_webhooks_need_a_secret(stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in stack.env.items() if k != "HEARTH_WEBHOOK_SECRET"}
+    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", [api])
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/jobs",
+            json={"type": "images.generations", "input": QUICK, "webhook": "http://127.0.0.1:9/x"},
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] == "webhook"
+        assert "HEARTH_WEBHOOK_SECRET" in response.json()["error"]["message"]
+    finally:
+        api.stop()
