@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from hearth.settings import Settings
@@ -32,23 +35,38 @@ def test_the_two_commands_are_make_targets() -> None:
     assert re.search(r"^test: install$", makefile, flags=re.M)
 
 
-@pytest.mark.integration
-def test_the_curl_example_works(stack: Stack) -> None:
-    (curl,) = [block for block in blocks("bash") if block.lstrip().startswith("curl")]
+def run_curl(stack: Stack, needle: str) -> dict[str, Any]:
+    (curl,) = [b for b in blocks("bash") if b.lstrip().startswith("curl") and needle in b]
     command = curl.replace("http://127.0.0.1:8000", stack.url)
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert '"object":"embedding"' in result.stdout
-    assert result.stdout.count('"index"') == 2
+    body: dict[str, Any] = json.loads(result.stdout)
+    return body
 
 
 @pytest.mark.integration
-def test_the_openai_example_works(stack: Stack) -> None:
+def test_the_curl_example_works(stack: Stack) -> None:
+    body = run_curl(stack, "/v1/embeddings")
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    assert body["data"][0]["object"] == "embedding"
+
+
+@pytest.mark.integration
+def test_the_jobs_example_works(stack: Stack) -> None:
+    job = run_curl(stack, "/v1/jobs")
+    assert job["status"] == "queued"
+    with httpx.Client(base_url=stack.url) as http:
+        assert http.delete(f"/v1/jobs/{job['id']}").status_code in (200, 409)
+
+
+@pytest.mark.integration
+def test_the_openai_example_works(stack: Stack, tmp_path: Path) -> None:
     (example,) = blocks("python")
     code = example.replace("http://127.0.0.1:8000", stack.url)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     dims, tokens = result.stdout.split()
     assert dims == "384" and int(tokens) > 0
+    assert (tmp_path / "lighthouse.png").read_bytes().startswith(b"\x89PNG")

@@ -46,6 +46,10 @@ def test_serve_on_its_embedded_default(tmp_path: Path) -> None:
         )
         result = client.embeddings.create(model=MODEL, input=["embedded default", "works"])
         assert len(result.data) == 2
+        # With no image model in the store, serve wrote the demo ones and serves them.
+        assert {"demo-unet", "demo-dit"} <= {p.name for p in (state / "models").iterdir()}
+        image = client.images.generate(model="demo-dit", prompt="a first image", size="64x64")  # type: ignore[arg-type]
+        assert image.data and image.data[0].b64_json
         client.close()
 
         assert ctrl_c(serve) in (0, 130)
