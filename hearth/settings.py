@@ -88,6 +88,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         default=60.0, gt=0, description="Deadline of a synchronous request; past it, 504."
     )
+    reclaim_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A job a worker took but has not touched for this long goes to another worker.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Tries per job before it goes to the dead letters."
+    )
+    worker_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="A worker's stable name; on restart it first finishes its own unfinished jobs.",
+    )
     job_timeout_s: float = Field(
         default=3600.0, gt=0, description="Deadline of a queued (async) job; past it, expired."
     )

@@ -9,6 +9,7 @@ import redis
 
 from workers.protocol import (
     FINISH_SCRIPT,
+    RETRY_SCRIPT,
     START_SCRIPT,
     TERMINAL_STATUSES,
     Job,
@@ -77,13 +78,19 @@ def test_start_counts_attempts_and_skips_ended_jobs(
 ) -> None:
     keys = Keys(namespace)
     start = redis_client.register_script(START_SCRIPT)
+    retry = redis_client.register_script(RETRY_SCRIPT)
     key = _seed(redis_client, keys, make_job())
     events = keys.events("job")
-    assert start(keys=[key], args=[time.time(), events]) == [b"running", 1]
-    assert start(keys=[key], args=[time.time(), events]) == [b"running", 2]
+    assert start(keys=[key], args=[time.time(), events]) == [b"running", 1, b""]
+    # A failed attempt goes back to the queue, its error kept for the next start.
+    assert retry(keys=[key], args=[b'{"message":"boom"}']) == 1
+    assert redis_client.hget(key, "status") == b"queued"
+    assert start(keys=[key], args=[time.time(), events]) == [b"running", 2, b'{"message":"boom"}']
     redis_client.hset(key, "status", "cancelled")
-    assert start(keys=[key], args=[time.time(), events]) == [b"cancelled", 0]
-    assert start(keys=[keys.job("job_missing")], args=[time.time(), events]) == [b"missing", 0]
+    assert start(keys=[key], args=[time.time(), events]) == [b"cancelled", 0, b""]
+    assert retry(keys=[key], args=[b"{}"]) == 0  # only a running job is put back
+    missing = keys.job("job_missing")
+    assert start(keys=[missing], args=[time.time(), events]) == [b"missing", 0, b""]
 
 
 def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespace: str) -> None:

@@ -72,6 +72,10 @@ class Keys:
     def idempotency(self, key: str) -> str:
         return f"{self.namespace}:idempotency:{{{key}}}"
 
+    def dead_letters(self) -> str:
+        """Stream of jobs given up on after HEARTH_MAX_ATTEMPTS, with their last error."""
+        return f"{self.namespace}:dead-letters"
+
     def workers(self) -> str:
         """Hash of live workers: worker id → JSON heartbeat."""
         return f"{self.namespace}:workers"
@@ -204,6 +208,7 @@ class Outcome:
     result: bytes | None = None  # the JSON body the synchronous route answers with
     error: JobError | None = None
     files: dict[str, bytes] = field(default_factory=dict)  # file id → PNG, for url results
+    retryable: bool = False  # a failure another attempt may not repeat (not the input's fault)
 
 
 def reply_message(job_id: str, outcome: Outcome) -> bytes:
@@ -221,16 +226,17 @@ def reply_message(job_id: str, outcome: Outcome) -> bytes:
 # Scripts keep status changes atomic per job, so that a redelivered or late
 # worker never flips a terminal status and a cancelled job never starts.
 
-# KEYS[1] job hash; ARGV: now, events channel. Returns {status, attempts}
-# after the attempt, and announces the start on the job's events channel.
+# KEYS[1] job hash; ARGV: now, events channel. Returns {status, attempts,
+# last error} after the attempt, and announces the start on the job's events
+# channel. A job found running was taken over from a worker that went silent.
 START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', 0} end
-if status ~= 'queued' and status ~= 'running' then return {status, 0} end
+if not status then return {'missing', 0, ''} end
+if status ~= 'queued' and status ~= 'running' then return {status, 0, ''} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('PUBLISH', ARGV[2], '{"event":"started","attempts":' .. attempts .. '}')
-return {'running', attempts}
+return {'running', attempts, redis.call('HGET', KEYS[1], 'last_error') or ''}
 """
 
 # KEYS[1] job hash; ARGV: progress JSON, events channel, event. Records and
@@ -240,6 +246,14 @@ PROGRESS_SCRIPT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS[1] job hash; ARGV: error JSON. Puts a running job back in the queue
+# after a failed attempt, keeping its error for the record.
+RETRY_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[1])
 return 1
 """
 

@@ -44,6 +44,7 @@ from workers.protocol import (
     CONSUMER_GROUP,
     FINISH_SCRIPT,
     PROGRESS_SCRIPT,
+    RETRY_SCRIPT,
     START_SCRIPT,
     InvalidJobInput,
     Job,
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP returns them
 
 READ_BLOCK_MS = 1000
+DEAD_LETTERS_KEPT = 10_000
 RETRY_PAUSE_S = 1.0
 CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
 
@@ -95,10 +97,10 @@ def run_guarded(
         if len(jobs) == 1:
             if isinstance(exc, InvalidJobInput):
                 error = JobError(str(exc), "invalid_request_error")
-            else:
-                logger.exception("job %s failed", jobs[0].id)
-                error = JobError(f"inference failed: {exc}")
-            return [Outcome(JobStatus.FAILED, error=error)], []
+                return [Outcome(JobStatus.FAILED, error=error)], []
+            logger.exception("job %s failed", jobs[0].id)
+            error = JobError(f"inference failed: {type(exc).__name__}: {exc}")
+            return [Outcome(JobStatus.FAILED, error=error, retryable=True)], []
     outcomes: list[Outcome] = []
     sizes: list[int] = []
     for job in jobs:
@@ -116,7 +118,11 @@ class Worker:
         self.specs = {spec.id: spec for spec in specs}
         self.device = device
         self.keys = Keys(settings.namespace)
-        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.name = (
+            settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        )
+        self._recovering = True  # first, this worker's own unfinished entries
+        self._next_reclaim = 0.0
         self.runners: dict[str, Runner] = {}
         self.placement: Placement | None = None
         self.started_at = time.time()
@@ -133,6 +139,7 @@ class Worker:
         )
         self._start = self.redis.register_script(START_SCRIPT)
         self._finish = self.redis.register_script(FINISH_SCRIPT)
+        self._retry_script = self.redis.register_script(RETRY_SCRIPT)
         self._progress = self.redis.register_script(PROGRESS_SCRIPT)
         self._progress_writes: set[asyncio.Task[Any]] = set()
         self.webhooks = WebhookSender(settings, self.redis, self.keys)
@@ -214,42 +221,85 @@ class Worker:
                 await self._ensure_groups()
 
     async def _read(self) -> list[tuple[str, Entries]]:
-        """The next batch of each model that has work, waiting up to a second for any."""
-        if len(self._streams) == 1:
-            (stream,) = self._streams
-            taken = await self._take({stream: 0}, block_ms=READ_BLOCK_MS)
+        """The next batch of each model that has work, waiting up to a second for any.
+
+        First come this worker's own unfinished entries (a restart under the same
+        name), then, now and then, entries another worker took and went silent on.
+        """
+        if self._recovering:
+            taken = await self._take(list(self._streams), start="0")
+            self._recovering = bool(taken)
+        elif time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self.settings.reclaim_after_s / 4
+            taken = await self._reclaim()
         else:
-            taken = await self._take(dict.fromkeys(self._streams, 0))
-            if not taken:
-                # One blocking read across the streams, one entry each: COUNT is shared
-                # by every stream in a read, and models differ in their batch limits.
-                taken = await self._take(dict.fromkeys(self._streams, 0), block_ms=READ_BLOCK_MS)
+            taken = {}
+        if not taken:
+            if len(self._streams) == 1:
+                taken = await self._take(list(self._streams), block_ms=READ_BLOCK_MS)
+            else:
+                taken = await self._take(list(self._streams))
+                if not taken:
+                    # One blocking read across the streams, one entry each: COUNT is
+                    # shared by every stream in a read, and models differ in batch limits.
+                    taken = await self._take(list(self._streams), block_ms=READ_BLOCK_MS)
         return [(self._streams[stream], entries) for stream, entries in taken.items()]
 
     async def _take(
-        self, streams: dict[str, int], block_ms: int | None = None
+        self, streams: list[str], block_ms: int | None = None, start: str = ">"
     ) -> dict[str, Entries]:
-        """Read from each stream up to its batch limit, less the entries already held.
+        """Read from each stream up to its model's batch limit.
 
         Without ``block_ms`` the reads are pipelined and return at once; with it,
         one read waits that long for the first entry in any of the streams.
+        ``start`` ">" takes new entries, "0" this consumer's own pending ones.
         """
         if block_ms is not None:
-            count = 1 if len(streams) > 1 else self._batch_limit(self._streams[next(iter(streams))])
+            count = 1 if len(streams) > 1 else self._batch_limit(self._streams[streams[0]])
             reply = await self.redis.xreadgroup(
-                CONSUMER_GROUP, self.name, dict.fromkeys(streams, ">"), count=count, block=block_ms
+                CONSUMER_GROUP,
+                self.name,
+                dict.fromkeys(streams, start),
+                count=count,
+                block=block_ms,
             )
             replies = [reply]
         else:
             pipe = self.redis.pipeline(transaction=False)
-            for stream, held in streams.items():
-                count = self._batch_limit(self._streams[stream]) - held
-                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: ">"}, count=max(count, 1))
+            for stream in streams:
+                count = self._batch_limit(self._streams[stream])
+                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: start}, count=count)
             replies = await pipe.execute()
         taken: dict[str, Entries] = {}
         for reply in replies:
             for key, entries in cast(list[tuple[bytes, Entries]], reply or []):
-                taken[key.decode()] = entries
+                # Pending entries deleted from the stream come back without fields.
+                present = [(entry_id, fields) for entry_id, fields in entries if fields]
+                if present:
+                    taken[key.decode()] = present
+        return taken
+
+    async def _reclaim(self) -> dict[str, Entries]:
+        """Take over entries idle past HEARTH_RECLAIM_AFTER_S: their worker died or hangs."""
+        idle_ms = int(self.settings.reclaim_after_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, model_id in self._streams.items():
+            pipe.xautoclaim(
+                stream, CONSUMER_GROUP, self.name, idle_ms, "0-0", count=self._batch_limit(model_id)
+            )
+        taken: dict[str, Entries] = {}
+        for stream, (_next, entries, *_deleted) in zip(
+            self._streams, await pipe.execute(), strict=True
+        ):
+            present = [(entry_id, fields) for entry_id, fields in entries if fields]
+            if present:
+                logger.warning(
+                    "worker %s: took over %d job(s) of %s from a silent worker",
+                    self.name,
+                    len(present),
+                    self._streams[stream],
+                )
+                taken[stream] = present
         return taken
 
     async def _pause(self) -> None:
@@ -267,11 +317,14 @@ class Worker:
             except (KeyError, ValueError) as exc:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
 
-        runnable, ended = await self._start_jobs(jobs)
-        outcomes: dict[str, Outcome] = dict(ended)
+        runnable, outcomes, attempts = await self._start_jobs(jobs)
         sizes: list[int] = []
         if runnable:
-            results, sizes = await self._compute(model_id, runnable)
+            keep_claimed = asyncio.create_task(self._keep_claimed(stream, entry_ids))
+            try:
+                results, sizes = await self._compute(model_id, runnable)
+            finally:
+                keep_claimed.cancel()
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
             # Progress reports queued during the run land before the outcome does.
             await asyncio.gather(*self._progress_writes, return_exceptions=True)
@@ -280,8 +333,14 @@ class Worker:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             outcome = outcomes.get(job.id)
-            if outcome is not None:
-                await self._store(pipe, job, outcome, now)
+            if outcome is None:
+                continue
+            if outcome.retryable and attempts[job.id] < self.settings.max_attempts:
+                await self._retry(pipe, job, outcome)
+                continue
+            if outcome.retryable:
+                outcome = self._give_up(pipe, job, outcome, attempts[job.id])
+            await self._store(pipe, job, outcome, now)
         pipe.xack(stream, CONSUMER_GROUP, *entry_ids)
         pipe.xdel(stream, *entry_ids)
         for size in sizes:
@@ -289,16 +348,52 @@ class Worker:
         await pipe.execute()
         for job in jobs:
             self.cancelled.pop(job.id, None)
-            if job.webhook and job.id in outcomes:
+            outcome = outcomes.get(job.id)
+            retried = outcome is not None and outcome.retryable
+            if job.webhook and outcome is not None and not retried:
                 self.webhooks.send(job.id, job.webhook)
+
+    async def _keep_claimed(self, stream: str, entry_ids: list[bytes]) -> None:
+        """While a long batch runs, keep its entries fresh so no other worker takes them."""
+        while True:
+            await asyncio.sleep(self.settings.reclaim_after_s / 3)
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                ids: list[int | bytes | str | memoryview[int]] = list(entry_ids)
+                await self.redis.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
+
+    async def _retry(self, pipe: Any, job: Job, outcome: Outcome) -> None:
+        """Queue another attempt: back to queued, as a new entry at the stream's end."""
+        assert outcome.error is not None
+        logger.warning("job %s: attempt failed, queued again: %s", job.id, outcome.error.message)
+        await self._retry_script(
+            keys=[self.keys.job(job.id)], args=[orjson.dumps(outcome.error.to_dict())], client=pipe
+        )
+        pipe.xadd(self.keys.stream(job.model), {"job": job.to_json()})
+
+    def _give_up(self, pipe: Any, job: Job, outcome: Outcome, attempts: int) -> Outcome:
+        """The job's last attempt failed: to the dead letters, and failed for good."""
+        assert outcome.error is not None
+        message = f"gave up after {attempts} attempt(s); last error: {outcome.error.message}"
+        logger.error("job %s: %s", job.id, message)
+        error = JobError(message, outcome.error.type)
+        pipe.xadd(
+            self.keys.dead_letters(),
+            {"job": job.to_json(), "error": orjson.dumps(error.to_dict())},
+            maxlen=DEAD_LETTERS_KEPT,
+            approximate=True,
+        )
+        return Outcome(JobStatus.FAILED, error=error)
 
     async def _compute(self, model_id: str, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
         hooks = _Hooks(self, asyncio.get_running_loop())
         outcomes = await self._in_thread(run_guarded, self.runners[model_id], jobs, hooks)
         return cast(tuple[list[Outcome], list[int]], outcomes)
 
-    async def _start_jobs(self, jobs: list[Job]) -> tuple[list[Job], dict[str, Outcome]]:
-        """Mark jobs running; return those to run and outcomes for those that must not."""
+    async def _start_jobs(
+        self, jobs: list[Job]
+    ) -> tuple[list[Job], dict[str, Outcome], dict[str, int]]:
+        """Mark jobs running. Returns those to run, outcomes for those that must not
+        (expired, or over the attempt limit), and each started job's attempt number."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
@@ -308,20 +403,28 @@ class Worker:
         replies = await pipe.execute()
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
-        for job, (status, _attempts) in zip(jobs, replies, strict=True):
+        attempts: dict[str, int] = {}
+        for job, (status, attempt, last_error) in zip(jobs, replies, strict=True):
             if status != b"running":
                 # Cancelled, already finished by another worker, or its record expired.
                 logger.info("job %s: not run, status is %s", job.id, status.decode())
-            elif job.deadline < now:
+                continue
+            attempts[job.id] = int(attempt)
+            if job.deadline < now:
                 ended[job.id] = Outcome(
                     JobStatus.EXPIRED,
                     error=JobError(
                         "the deadline passed before a worker could run the job", "timeout"
                     ),
                 )
+            elif attempts[job.id] > self.settings.max_attempts:
+                # Earlier attempts never ended: the worker running them died each time.
+                last = orjson.loads(last_error)["message"] if last_error else "its worker stopped"
+                error = JobError(last)
+                ended[job.id] = Outcome(JobStatus.FAILED, error=error, retryable=True)
             else:
                 runnable.append(job)
-        return runnable, ended
+        return runnable, ended, attempts
 
     async def _store(self, pipe: Any, job: Job, outcome: Outcome, now: float) -> None:
         for file_id, content in outcome.files.items():

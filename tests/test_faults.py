@@ -1,0 +1,249 @@
+"""Faults done for real: workers killed, a poison job, SIGTERM, all on a private Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from hearth.embedded_redis import EmbeddedRedis
+from models.demo import build_demo_models
+from tests.support import Process, free_port, hearth_env, wait_for
+from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "faults"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    build_demo_models(folder)
+    return folder
+
+
+@dataclass
+class Site:
+    """A private Redis and the environment every Hearth process here shares."""
+
+    root: Path
+    server: EmbeddedRedis
+    env: dict[str, str]
+    client: redis.Redis
+    processes: list[Process]
+
+    def start(self, *args: str, **env: str) -> Process:
+        log = self.root / f"{args[0]}-{uuid.uuid4().hex[:6]}.log"
+        process = Process(list(args), {**self.env, **env}, log)
+        self.processes.append(process)
+        return process
+
+    def api(self) -> tuple[Process, str]:
+        port = free_port()
+        process = self.start("api", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/healthz", [process])
+        return process, url
+
+
+@pytest.fixture
+def site(store: Path, tmp_path: Path) -> Iterator[Site]:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    env = hearth_env(
+        REDIS_URL=server.url,
+        HEARTH_NAMESPACE=NAMESPACE,
+        HEARTH_STATE_DIR=str(tmp_path / "state"),
+        HEARTH_MODELS_DIR=str(store),
+        HEARTH_MODELS="demo-dit",
+        HEARTH_HEARTBEAT_S="0.5",
+        HEARTH_WORKER_TTL_S="3",
+        HEARTH_RECLAIM_AFTER_S="2",
+        HEARTH_MAX_ATTEMPTS="3",
+        HEARTH_TORCH_THREADS="1",
+        HEARTH_MAX_BATCH_IMAGES="2",
+    )
+    client = redis.Redis.from_url(server.url)
+    site = Site(tmp_path, server, env, client, [])
+    try:
+        yield site
+    finally:
+        for process in site.processes:
+            process.stop()
+        client.close()
+        server.stop()
+
+
+def submit(url: str, body: dict[str, Any]) -> str:
+    response = httpx.post(f"{url}/v1/jobs", json={"type": "images.generations", "input": body})
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+def wait_all(url: str, job_ids: list[str], timeout_s: float = 120) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    jobs: dict[str, dict[str, Any]] = {}
+    with httpx.Client(base_url=url) as http:
+        while time.monotonic() < deadline:
+            jobs = {job_id: http.get(f"/v1/jobs/{job_id}").json() for job_id in job_ids}
+            if all(job["status"] not in ("queued", "running") for job in jobs.values()):
+                return jobs
+            time.sleep(0.2)
+    pending = {k: v["status"] for k, v in jobs.items() if v["status"] in ("queued", "running")}
+    raise AssertionError(f"jobs never ended: {pending}")
+
+
+def busy_workers(client: redis.Redis) -> dict[str, int]:
+    """Consumer name → entries it holds unacknowledged."""
+    stream = Keys(NAMESPACE).stream("demo-dit")
+    return {
+        consumer["name"].decode(): consumer["pending"]
+        for consumer in client.xinfo_consumers(stream, CONSUMER_GROUP)
+        if consumer["pending"]
+    }
+
+
+def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
+    workers = [site.start("worker"), site.start("worker")]
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", workers)
+    wait_until_both_live = time.monotonic() + 30
+    while len(site.client.hkeys(Keys(NAMESPACE).workers())) < 2:
+        assert time.monotonic() < wait_until_both_live
+        time.sleep(0.1)
+
+    body = {"model": "demo-dit", "prompt": "survive", "size": "256x256", "num_inference_steps": 20}
+    job_ids = [submit(url, {**body, "seed": seed}) for seed in range(24)]
+    # Kill -9 whichever worker holds jobs first, in the middle of its batch.
+    deadline = time.monotonic() + 30
+    while not busy_workers(site.client):
+        assert time.monotonic() < deadline, "no worker took a job"
+        time.sleep(0.01)
+    victim_name = next(iter(busy_workers(site.client)))
+    victim = next(w for w in workers if str(w.pid) in victim_name)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.popen.wait(10)
+
+    jobs = wait_all(url, job_ids)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert all(len(job["result"]["data"]) == 1 for job in jobs.values())
+    assert any(job["attempts"] == 2 for job in jobs.values()), "no job was taken over"
+    seeds = sorted(job["result"]["data"][0]["seed"] for job in jobs.values())
+    assert seeds == list(range(24))
+    stream = Keys(NAMESPACE).stream("demo-dit")
+    assert site.client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+    assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
+
+
+def test_a_poison_job_goes_to_the_dead_letters_and_the_rest_succeed(site: Site) -> None:
+    worker = site.start("worker")
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    keys = Keys(NAMESPACE)
+    # A producer that skipped validation: 72 is no multiple of the DiT's patch grid,
+    # so the pipeline itself raises, on every attempt.
+    poison = Job(
+        type=JobType.IMAGES_GENERATIONS,
+        model="demo-dit",
+        input={
+            "prompt": "poison",
+            "negative_prompt": "",
+            "n": 1,
+            "width": 72,
+            "height": 64,
+            "steps": 4,
+            "guidance": 4.5,
+            "seed": 1,
+            "scheduler": "",
+            "response_format": "b64_json",
+        },
+        deadline=time.time() + 120,
+    )
+    good = {"model": "demo-dit", "prompt": "fine", "num_inference_steps": 4}
+    before = [submit(url, {**good, "seed": seed}) for seed in range(3)]
+    site.client.hset(keys.job(poison.id), mapping=poison.hash_fields())
+    site.client.xadd(keys.stream("demo-dit"), {"job": poison.to_json()})
+    after = [submit(url, {**good, "seed": seed}) for seed in range(3, 6)]
+
+    jobs = wait_all(url, [*before, poison.id, *after])
+    assert all(jobs[job_id]["status"] == "succeeded" for job_id in before + after)
+    failed = jobs[poison.id]
+    assert failed["status"] == "failed"
+    assert failed["attempts"] == 3
+    assert "gave up after 3 attempt(s)" in failed["error"]["message"]
+    letters = site.client.xrange(keys.dead_letters())
+    assert len(letters) == 1
+    assert Job.from_json(letters[0][1][b"job"]).id == poison.id
+    assert worker.popen.poll() is None  # the worker lives on
+
+
+def test_sigterm_drains_the_running_batch(site: Site) -> None:
+    worker = site.start("worker")
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    body = {"model": "demo-dit", "prompt": "drain", "size": "512x512", "num_inference_steps": 30}
+    job_id = submit(url, {**body, "seed": 1})
+    with httpx.Client(base_url=url) as http:
+        deadline = time.monotonic() + 30
+        while http.get(f"/v1/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        worker.popen.send_signal(signal.SIGTERM)
+        assert worker.popen.wait(60) == 0
+        job = http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert site.client.xpending(Keys(NAMESPACE).stream("demo-dit"), CONSUMER_GROUP)["pending"] == 0
+    assert not site.client.hkeys(Keys(NAMESPACE).workers())
+
+
+def test_a_restarted_worker_first_finishes_its_own_jobs(site: Site) -> None:
+    worker = site.start("worker", HEARTH_WORKER_NAME="stable-worker", HEARTH_RECLAIM_AFTER_S="600")
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    body = {"model": "demo-dit", "prompt": "again", "size": "512x512", "num_inference_steps": 30}
+    job_id = submit(url, {**body, "seed": 2})
+    deadline = time.monotonic() + 30
+    while not busy_workers(site.client):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.popen.wait(10)
+    # Nobody else would take it for ten minutes; the same name picks it up at once.
+    site.start("worker", HEARTH_WORKER_NAME="stable-worker", HEARTH_RECLAIM_AFTER_S="600")
+    job = wait_all(url, [job_id], timeout_s=90)[job_id]
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2
+
+
+def test_concurrent_sync_requests_survive_a_killed_worker(site: Site) -> None:
+    workers = [site.start("worker"), site.start("worker")]
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", workers)
+
+    def one(seed: int) -> int:
+        body = {
+            "model": "demo-dit",
+            "prompt": "sync",
+            "seed": seed,
+            "num_inference_steps": 10,
+            "size": "256x256",
+        }
+        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(one, seed) for seed in range(8)]
+        time.sleep(1.0)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        assert [future.result() for future in futures] == [200] * 8
