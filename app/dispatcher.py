@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, cast
 
 import orjson
@@ -21,7 +22,16 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workers.protocol import FINISH_SCRIPT, TERMINAL_STATUSES, Job, JobStatus, Keys, job_view
+from app.errors import Overloaded
+from workers.protocol import (
+    ENQUEUE_SCRIPT,
+    FINISH_SCRIPT,
+    TERMINAL_STATUSES,
+    Job,
+    JobStatus,
+    Keys,
+    job_view,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +39,16 @@ POLL_S = 1.0
 
 
 class Dispatcher:
-    def __init__(self, redis: Redis, keys: Keys, result_ttl_s: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, result_ttl_s: int, max_queue_depth: int) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_s = result_ttl_s
+        self.max_queue_depth = max_queue_depth
         self.channel = keys.replies(uuid.uuid4().hex)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._finish = redis.register_script(FINISH_SCRIPT)
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="reply-listener")
@@ -69,16 +81,45 @@ class Dispatcher:
         if future is not None and not future.done():
             future.set_result(reply)
 
-    async def submit(self, job: Job) -> None:
-        """Write the job's record and append it to its model's stream, in one round trip."""
+    async def submit(self, job: Job, idempotency_key: str | None = None) -> str:
+        """Write the job's record and append it to its model's stream, in one round trip.
+
+        Returns the id of the job now in charge: ``job``'s, or, when
+        ``idempotency_key`` was seen before, the job first submitted with it.
+        Raises Overloaded (429) when the model's queue is full.
+        """
+        ttl = self.result_ttl_s + int(job.deadline - job.created_at)
+        if idempotency_key is not None:
+            earlier = await self.redis.set(
+                self.keys.idempotency(idempotency_key), job.id, nx=True, ex=ttl, get=True
+            )
+            if earlier is not None:
+                return cast(bytes, earlier).decode()
         pipe = self.redis.pipeline(transaction=False)
         key = self.keys.job(job.id)
         pipe.hset(key, mapping=job.hash_fields())
-        pipe.expire(key, self.result_ttl_s + int(job.deadline - job.created_at))
-        pipe.xadd(self.keys.stream(job.model), {"job": job.to_json()})
-        await pipe.execute()
+        pipe.expire(key, ttl)
+        await self._enqueue(
+            keys=[self.keys.stream(job.model)],
+            args=[self.max_queue_depth, job.to_json()],
+            client=pipe,
+        )
+        *_, entry = await pipe.execute()
+        if entry is None:
+            cleanup = self.redis.pipeline(transaction=False)
+            cleanup.delete(key)
+            if idempotency_key is not None:
+                cleanup.delete(self.keys.idempotency(idempotency_key))
+            await cleanup.execute()
+            raise Overloaded(
+                f"The queue of model '{job.model}' is full ({self.max_queue_depth} jobs); "
+                "retry shortly.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        return job.id
 
-    async def run(self, job: Job) -> dict[str, Any]:
+    async def run(self, job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit ``job`` with this process as its reply address and wait for its end.
 
         Returns the reply: ``{"id", "status", "result", "error"}``. Past the
@@ -87,7 +128,10 @@ class Dispatcher:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = future
         try:
-            await self.submit(job)
+            job_id = await self.submit(job, idempotency_key)
+            if job_id != job.id:  # an earlier request with the same key: wait for that job
+                self._waiting[job_id] = self._waiting.pop(job.id)
+                job = replace(job, id=job_id)
             while True:
                 remaining = job.deadline - time.time()
                 if remaining <= 0:

@@ -14,6 +14,7 @@ import hearth
 from app import errors
 from app.dispatcher import Dispatcher
 from app.fleet import Fleet
+from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, models
 from app.state import AppState
 from hearth.settings import Settings, get_settings
@@ -40,7 +41,7 @@ def build_state(settings: Settings) -> AppState:
         redis=redis,
         registry=registry,
         served=served,
-        dispatcher=Dispatcher(redis, keys, settings.result_ttl_s),
+        dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
     )
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.hearth = state
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
     for module in (embeddings, images, jobs, files, models, health):
         app.include_router(module.router)
     return app

@@ -7,12 +7,13 @@ result. With ``Prefer: respond-async`` (or through `POST /v1/jobs`), answer
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 
-from app.errors import DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
+from app.errors import Conflict, DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
 from app.responses import JSONResponse
 from app.state import AppState
 from workers.protocol import Job, JobStatus, absolute_urls, job_view
@@ -32,14 +33,39 @@ def public_base(request: Request) -> str:
 Prepare = Callable[[float, str | None], Job]
 
 
-async def accept(state: AppState, job: Job) -> JSONResponse:
-    """Queue ``job`` and answer 202 with it."""
-    await state.dispatcher.submit(job)
-    record = {key.encode(): str(value).encode() for key, value in job.hash_fields().items()}
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key``: the same key returns the same job."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise InvalidRequest(
+            "Invalid 'Idempotency-Key' header: 1 to 255 printable ASCII characters, no spaces.",
+            param="Idempotency-Key",
+        )
+    return key
+
+
+async def accept(state: AppState, request: Request, job: Job) -> JSONResponse:
+    """Queue ``job`` (or find the job submitted earlier with the same key); answer 202."""
+    job_id = await state.dispatcher.submit(job, idempotency_key(request))
+    if job_id == job.id:
+        record = {key.encode(): str(value).encode() for key, value in job.hash_fields().items()}
+        view = job_view(job.id, record)
+    else:
+        earlier = await state.dispatcher.view(job_id)
+        if earlier is None:
+            raise Conflict(
+                f"The Idempotency-Key belongs to job '{job_id}', which has expired.",
+                param="Idempotency-Key",
+                code="idempotency_key_expired",
+            )
+        view = absolute_urls(earlier, public_base(request))
     return JSONResponse(
-        job_view(job.id, record),
+        view,
         status_code=202,
-        headers={"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"},
+        headers={"Location": f"/v1/jobs/{job_id}", "Preference-Applied": "respond-async"},
     )
 
 
@@ -47,7 +73,7 @@ async def respond(state: AppState, request: Request, prepare: Prepare) -> JSONRe
     """Answer a request: its result, or 202 when the client prefers to come back for it."""
     settings = state.settings
     if wants_async(request):
-        return await accept(state, prepare(settings.job_timeout_s, None))
+        return await accept(state, request, prepare(settings.job_timeout_s, None))
     job = prepare(settings.request_timeout_s, state.dispatcher.channel)
     if not await state.fleet.holders(job.model):
         raise Unavailable(
@@ -55,7 +81,7 @@ async def respond(state: AppState, request: Request, prepare: Prepare) -> JSONRe
             code="no_worker",
         )
     try:
-        reply = await state.dispatcher.run(job)
+        reply = await state.dispatcher.run(job, idempotency_key(request))
     except TimeoutError:
         raise DeadlineExceeded(
             f"No result within {state.settings.request_timeout_s:g} s; the job was cancelled.",

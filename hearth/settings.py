@@ -79,6 +79,14 @@ class Settings(BaseSettings):
         default=None,
         description="Base URL clients reach the API at; makes file URLs in webhooks absolute.",
     )
+    max_queue_depth: int = Field(
+        default=1000,
+        ge=1,
+        description="Jobs a model's queue may hold (waiting or running); past it, 429.",
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted; past it, 413."
+    )
     max_inputs: int = Field(
         default=2048, ge=1, description="Most strings in one embeddings request."
     )

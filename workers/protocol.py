@@ -249,6 +249,13 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
+# KEYS[1] model stream; ARGV: most entries it may hold, job JSON. Appends the
+# job unless the stream is full (backpressure); returns the entry id or nil.
+ENQUEUE_SCRIPT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+"""
+
 # KEYS[1] job hash; ARGV: error JSON. Puts a running job back in the queue
 # after a failed attempt, keeping its error for the record.
 RETRY_SCRIPT = """

@@ -40,7 +40,7 @@ def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
     responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}},
     summary="Queue a job",
 )
-async def create_job(body: JobRequest, state: StateDep) -> JSONResponse:
+async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSONResponse:
     """Queue the body of `POST /v1/embeddings` or `/v1/images/generations` as a job.
 
     Answers `202` at once with the job and its `Location`; the job runs when a
@@ -60,7 +60,7 @@ async def create_job(body: JobRequest, state: StateDep) -> JSONResponse:
         job = images.prepare(_validated(ImageGenerationRequest, body.input), state, deadline)
     if webhook:
         job = job.with_webhook(webhook)
-    return await accept(state, job)
+    return await accept(state, request, job)
 
 
 async def _view(state: AppState, request: Request, job_id: str) -> dict[str, Any]:

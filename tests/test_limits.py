@@ -1,0 +1,116 @@
+"""Limits an API keeps: queue depth, body size, idempotent submissions, content types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import MODEL, Stack
+from tests.support import Process, free_port, hearth_env, wait_for
+from workers.protocol import Keys
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def small_api(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[str]:
+    """An API with tiny limits and no worker, so queued jobs stay queued."""
+    port = free_port()
+    env = hearth_env(
+        REDIS_URL=redis_url,
+        HEARTH_NAMESPACE=namespace,
+        HEARTH_STATE_DIR=str(tmp_path),
+        HEARTH_MAX_QUEUE_DEPTH="5",
+        HEARTH_MAX_BODY_BYTES="2048",
+    )
+    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", [api])
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        api.stop()
+
+
+def test_a_flood_past_the_queue_bound_gets_only_202_and_429(
+    small_api: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    def submit(i: int) -> httpx.Response:
+        body = {"type": "embeddings", "input": {"model": MODEL, "input": f"flood {i}"}}
+        return httpx.post(f"{small_api}/v1/jobs", json=body, timeout=30)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(submit, range(40)))
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) == {202, 429}
+    assert statuses.count(202) == 5
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert redis_client.xlen(Keys(namespace).stream(MODEL)) == 5
+    # Refused jobs leave no record behind.
+    assert len(list(redis_client.scan_iter(match=Keys(namespace).job("*")))) == 5
+
+
+def test_a_declared_body_over_the_limit_is_refused_unread(small_api: str) -> None:
+    body = {"model": MODEL, "input": "x" * 4096}
+    response = httpx.post(f"{small_api}/v1/embeddings", json=body)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_streamed_body_over_the_limit_is_cut_off(small_api: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "all-minilm-l6-v2", "input": "'
+        for _ in range(64):
+            yield b"x" * 256
+        yield b'"}'
+
+    response = httpx.post(
+        f"{small_api}/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_is_a_400(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/embeddings", content=b"model=x&input=y", headers={"content-type": "text/plain"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_same_idempotency_key_returns_the_same_job(client: httpx.Client) -> None:
+    body = {
+        "type": "images.generations",
+        "input": {"model": "demo-dit", "prompt": "once", "seed": 3},
+    }
+    headers = {"Idempotency-Key": "order-7781"}
+    first = client.post("/v1/jobs", json=body, headers=headers)
+    second = client.post("/v1/jobs", json=body, headers=headers)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    other = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-7782"})
+    assert other.json()["id"] != first.json()["id"]
+    bad = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "has space"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_a_repeated_synchronous_request_runs_once(
+    stack: Stack, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    keys = Keys(stack.namespace)
+    before = set(redis_client.scan_iter(match=keys.job("*")))
+    headers = {"Idempotency-Key": "embed-once-1"}
+    body = {"model": MODEL, "input": "say it once"}
+    first = client.post("/v1/embeddings", json=body, headers=headers)
+    second = client.post("/v1/embeddings", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert len(set(redis_client.scan_iter(match=keys.job("*"))) - before) == 1
