@@ -247,3 +247,33 @@ def test_concurrent_sync_requests_survive_a_killed_worker(site: Site) -> None:
         time.sleep(1.0)
         os.kill(workers[0].pid, signal.SIGKILL)
         assert [future.result() for future in futures] == [200] * 8
+
+
+def test_redis_restarted_mid_run_loses_no_job(site: Site) -> None:
+    worker = site.start("worker", HEARTH_REDIS_TIMEOUT_S="1")
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    body = {"model": "demo-dit", "prompt": "outage", "size": "256x256", "num_inference_steps": 20}
+    job_ids = [submit(url, {**body, "seed": seed}) for seed in range(8)]
+    deadline = time.monotonic() + 30
+    while not busy_workers(site.client):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    site.server.stop()  # append-only file on: what was queued is on disk
+    with httpx.Client(base_url=url, timeout=30) as http:
+        started = time.monotonic()
+        down = http.post("/v1/jobs", json={"type": "images.generations", "input": body})
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "queue_unavailable"
+        assert time.monotonic() - started < 5
+        assert http.get("/readyz").status_code == 503
+    time.sleep(1.0)
+    site.server.start()
+
+    # API and worker reconnect by themselves; the job cut off mid-run is taken over.
+    jobs = wait_all(url, job_ids, timeout_s=120)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert worker.popen.poll() is None
+    after = submit(url, {**body, "seed": 99})
+    assert wait_all(url, [after])[after]["status"] == "succeeded"
