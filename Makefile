@@ -32,6 +32,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/embeddings.py
+	$(BIN)/python benchmarks/images.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

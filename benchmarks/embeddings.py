@@ -22,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import redis
 import torch
 from report import Level, RawResult, render, write_section
@@ -53,7 +55,7 @@ class CpuSample:
 
     at: float  # time.monotonic()
     busy_s: float  # every core's non-idle time, from /proc/stat
-    own_s: float  # this process and its waited-for children
+    own_s: float  # this process, its waited-for children and its live descendants
 
     @classmethod
     def now(cls) -> CpuSample:
@@ -68,12 +70,18 @@ class CpuSample:
             usage.ru_utime + usage.ru_stime
             for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
         )
+        for child in psutil.Process().children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.Error:  # it ended meanwhile; counted once waited for
+                continue
+            own += times.user + times.system + times.children_user + times.children_system
         return cls(time.monotonic(), busy, own)
 
     def foreign_share(self, later: CpuSample) -> float:
         """Share of all cores that other processes used between this sample and ``later``.
 
-        Children count as own only once waited for: sample after stopping them."""
+        A child that ended between the samples counts as own only once waited for."""
         foreign = (later.busy_s - self.busy_s) - (later.own_s - self.own_s)
         return max(0.0, foreign) / ((later.at - self.at) * (os.cpu_count() or 1))
 
@@ -86,10 +94,13 @@ def _free_port() -> int:
 
 
 class Stack:
-    """A private Redis, one worker and one API, started and stopped together."""
+    """A private Redis, one worker and one API, started and stopped together.
 
-    def __init__(self, state_dir: Path) -> None:
+    ``env`` is added to both processes' environment (e.g. ``HEARTH_MODELS``)."""
+
+    def __init__(self, state_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self.state_dir = state_dir
+        self.extra_env = dict(env or {})
         self.server = EmbeddedRedis(state_dir / "redis")
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,6 +118,7 @@ class Stack:
             "HEARTH_NAMESPACE": NAMESPACE,
             "HEARTH_LOG_LEVEL": "warning",
             "HF_HUB_OFFLINE": "1",
+            **self.extra_env,
         }
         hearth_cmd = [sys.executable, "-m", "hearth"]
         for name, args in (("worker", ["worker"]), ("api", ["api", "--port", str(self.port)])):
@@ -128,16 +140,16 @@ class Stack:
                 time.sleep(0.25)
         raise RuntimeError(f"Hearth was not ready within {READY_TIMEOUT_S:g} s")
 
-    def batch_sizes(self) -> dict[int, int]:
-        """The worker's batch-size counters for the benchmark model."""
+    def batch_sizes(self, model: str = MODEL_ID) -> dict[int, int]:
+        """The worker's batch-size counters for ``model``."""
         assert self.redis is not None
-        raw = self.redis.hgetall(Keys(NAMESPACE).batch_sizes(MODEL_ID))
+        raw = self.redis.hgetall(Keys(NAMESPACE).batch_sizes(model))
         return {int(size): int(count) for size, count in raw.items()}
 
-    def clear_batch_sizes(self) -> None:
-        """Reset the batch-size counters before a level."""
+    def clear_batch_sizes(self, model: str = MODEL_ID) -> None:
+        """Reset ``model``'s batch-size counters before a measurement."""
         assert self.redis is not None
-        self.redis.delete(Keys(NAMESPACE).batch_sizes(MODEL_ID))
+        self.redis.delete(Keys(NAMESPACE).batch_sizes(model))
 
     def close(self) -> None:
         """Stop the API, then the worker, then the server; safe after a partial start."""
@@ -205,7 +217,7 @@ def raw_throughput(model: EmbeddingModel, batch_size: int, seconds: float) -> Ra
     return RawResult(batch_size, calls * batch_size / elapsed, elapsed / calls * 1000)
 
 
-def _command_line() -> str:
+def command_line() -> str:
     """This run's command as typed, the interpreter relative to the working directory."""
     python = Path(sys.executable)
     if python.is_relative_to(Path.cwd()):
@@ -222,7 +234,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     concurrencies = [int(part) for part in args.concurrency.split(",") if part.strip()]
-    command = _command_line()
+    command = command_line()
 
     with tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
         started = CpuSample.now()

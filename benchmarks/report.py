@@ -1,7 +1,8 @@
 """The embeddings benchmark's results, and their Markdown section in RESULTS.md.
 
 RESULTS.md holds one section per benchmark between its own markers, so each
-benchmark rewrites its section and leaves the others as they are.
+benchmark rewrites its section and leaves the others as they are;
+``marks``, ``write_section`` and ``machine`` serve every benchmark.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from pathlib import Path
 
 import hearth
 
-START_MARK = "<!-- embeddings:start -->"
-END_MARK = "<!-- embeddings:end -->"
+
+def marks(name: str) -> tuple[str, str]:
+    """The start and end markers around benchmark ``name``'s section."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+START_MARK, END_MARK = marks("embeddings")
 THROUGHPUT_TARGET = 0.8  # Hearth at concurrency 32 / the raw model's best batched throughput
 ADDED_P50_TARGET_MS = 5.0  # Hearth p50 at concurrency 1 minus the raw batch-1 p50
 FOREIGN_CPU_LIMIT = 0.05  # more of the machine used by other processes makes a run unreliable
@@ -192,15 +198,18 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` in ``path`` in place of its old one, keeping everything else."""
+def write_section(path: Path, section: str, name: str = "embeddings") -> None:
+    """Put ``section`` in ``path`` in place of benchmark ``name``'s old one, keeping the rest.
+
+    ``section`` carries the markers of ``name`` (see ``marks``)."""
+    start_mark, end_mark = marks(name)
     if not path.exists():
         path.write_text(f"# Benchmarks\n\n{section}")
         return
     text = path.read_text()
-    start, end = text.find(START_MARK), text.find(END_MARK)
+    start, end = text.find(start_mark), text.find(end_mark)
     if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(END_MARK) :].removeprefix("\n")
+        text = text[:start] + section + text[end + len(end_mark) :].removeprefix("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

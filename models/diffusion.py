@@ -10,6 +10,7 @@ from typing import Any
 
 import diffusers
 from diffusers import AutoPipelineForText2Image
+from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
 from models.components import NOT_SHARED, ComponentCache, ComponentKey
@@ -44,6 +45,7 @@ def load_text_to_image(folder: Path, placement: Placement, cache: ComponentCache
     from safetensors and added to the cache.
     """
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
     keys: dict[str, ComponentKey] = {
         name: ComponentCache.key(class_name, folder / name)
         for name, class_name in _components(folder).items()

@@ -105,6 +105,17 @@ def wait_all(url: str, job_ids: list[str], timeout_s: float = 120) -> dict[str, 
     raise AssertionError(f"jobs never ended: {pending}")
 
 
+def wait_running(url: str, job_ids: list[str]) -> None:
+    """Until one of the jobs has started on a worker (not merely been read by one)."""
+    deadline = time.monotonic() + 30
+    with httpx.Client(base_url=url) as http:
+        while not any(
+            http.get(f"/v1/jobs/{job_id}").json()["status"] == "running" for job_id in job_ids
+        ):
+            assert time.monotonic() < deadline, "no job started"
+            time.sleep(0.01)
+
+
 def busy_workers(client: redis.Redis) -> dict[str, int]:
     """Consumer name → entries it holds unacknowledged."""
     stream = Keys(NAMESPACE).stream("demo-dit")
@@ -127,10 +138,7 @@ def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
     body = {"model": "demo-dit", "prompt": "survive", "size": "256x256", "num_inference_steps": 20}
     job_ids = [submit(url, {**body, "seed": seed}) for seed in range(24)]
     # Kill -9 whichever worker holds jobs first, in the middle of its batch.
-    deadline = time.monotonic() + 30
-    while not busy_workers(site.client):
-        assert time.monotonic() < deadline, "no worker took a job"
-        time.sleep(0.01)
+    wait_running(url, job_ids)
     victim_name = next(iter(busy_workers(site.client)))
     victim = next(w for w in workers if str(w.pid) in victim_name)
     os.kill(victim.pid, signal.SIGKILL)
@@ -214,10 +222,7 @@ def test_a_restarted_worker_first_finishes_its_own_jobs(site: Site) -> None:
     wait_for(f"{url}/readyz", [worker])
     body = {"model": "demo-dit", "prompt": "again", "size": "512x512", "num_inference_steps": 30}
     job_id = submit(url, {**body, "seed": 2})
-    deadline = time.monotonic() + 30
-    while not busy_workers(site.client):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_running(url, [job_id])
     os.kill(worker.pid, signal.SIGKILL)
     worker.popen.wait(10)
     # Nobody else would take it for ten minutes; the same name picks it up at once.
@@ -255,10 +260,7 @@ def test_redis_restarted_mid_run_loses_no_job(site: Site) -> None:
     wait_for(f"{url}/readyz", [worker])
     body = {"model": "demo-dit", "prompt": "outage", "size": "256x256", "num_inference_steps": 20}
     job_ids = [submit(url, {**body, "seed": seed}) for seed in range(8)]
-    deadline = time.monotonic() + 30
-    while not busy_workers(site.client):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_running(url, job_ids)
 
     site.server.stop()  # append-only file on: what was queued is on disk
     with httpx.Client(base_url=url, timeout=30) as http:

@@ -77,11 +77,6 @@ class ImageRunner:
         self._step_end_callback = "callback_on_step_end" in accepted
         if not self._step_end_callback and "callback" not in accepted:
             raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
-        # Newer pipelines call callback_on_step_end(pipe, step, timestep, tensors) and
-        # honour pipe._interrupt; older ones (PixArt) call callback(step, timestep, latents).
-        self._step_end_callback = "callback_on_step_end" in accepted
-        if not self._step_end_callback and "callback" not in accepted:
-            raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
         # Hearth validates sizes itself: no silent resizing, no caption rewriting.
         self._extra = {
             name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP returns them
 
 READ_BLOCK_MS = 1000
+IMAGE_BATCH_LINGER_S = 0.005
 DEAD_LETTERS_KEPT = 10_000
 RETRY_PAUSE_S = 1.0
 CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
@@ -122,6 +123,7 @@ class Worker:
             settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         )
         self._recovering = True  # first, this worker's own unfinished entries
+        self._last_batch: dict[str, int] = {}  # stream → entries in its last batch
         self._next_reclaim = 0.0
         self.runners: dict[str, Runner] = {}
         self.placement: Placement | None = None
@@ -216,9 +218,15 @@ class Worker:
                 await self._pause()
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
-                    raise
+                    logger.exception("worker %s: Redis refused a command; retrying", self.name)
+                    await self._pause()
+                    continue
                 # Redis lost its data (restarted without persistence): recreate the groups.
                 await self._ensure_groups()
+            except Exception:
+                # The loop never dies: what this batch held stays pending and is taken over.
+                logger.exception("worker %s: batch failed; carrying on", self.name)
+                await self._pause()
 
     async def _read(self) -> list[tuple[str, Entries]]:
         """The next batch of each model that has work, waiting up to a second for any.
@@ -234,21 +242,46 @@ class Worker:
             taken = await self._reclaim()
         else:
             taken = {}
+        if not taken and len(self._streams) > 1:
+            taken = await self._take(list(self._streams))
         if not taken:
-            if len(self._streams) == 1:
-                taken = await self._take(list(self._streams), block_ms=READ_BLOCK_MS)
-            else:
-                taken = await self._take(list(self._streams))
-                if not taken:
-                    # One blocking read across the streams, one entry each: COUNT is
-                    # shared by every stream in a read, and models differ in batch limits.
-                    taken = await self._take(list(self._streams), block_ms=READ_BLOCK_MS)
+            # Wait for work. With several streams, one entry each: COUNT is shared by
+            # every stream in a read, and models differ in their batch limits.
+            taken = await self._take(list(self._streams), block_ms=READ_BLOCK_MS)
+        await self._gather_more(taken)
+        for stream, entries in taken.items():
+            self._last_batch[stream] = len(entries)
         return [(self._streams[stream], entries) for stream, entries in taken.items()]
 
+    async def _gather_more(self, taken: dict[str, Entries]) -> None:
+        """Let a short image batch fill a moment longer before it starts.
+
+        Under load (the model's last batch held several jobs), the clients it
+        answered send their next requests a moment apart; an image call takes
+        far longer than that moment, so waiting it out costs little and saves a
+        call. A lone client is never kept waiting; embedding batches never wait.
+        """
+        short = [
+            stream
+            for stream, entries in taken.items()
+            if self.specs[self._streams[stream]].kind is ModelKind.IMAGE
+            and self._last_batch.get(stream, 0) > 1
+            and len(entries) < self._batch_limit(self._streams[stream])
+        ]
+        if not short:
+            return
+        await asyncio.sleep(IMAGE_BATCH_LINGER_S)
+        for stream, more in (await self._take(short, held=taken)).items():
+            taken[stream] += more
+
     async def _take(
-        self, streams: list[str], block_ms: int | None = None, start: str = ">"
+        self,
+        streams: list[str],
+        block_ms: int | None = None,
+        start: str = ">",
+        held: dict[str, Entries] | None = None,
     ) -> dict[str, Entries]:
-        """Read from each stream up to its model's batch limit.
+        """Read from each stream up to its model's batch limit, less what is ``held``.
 
         Without ``block_ms`` the reads are pipelined and return at once; with it,
         one read waits that long for the first entry in any of the streams.
@@ -267,8 +300,8 @@ class Worker:
         else:
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
-                count = self._batch_limit(self._streams[stream])
-                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: start}, count=count)
+                count = self._batch_limit(self._streams[stream]) - len((held or {}).get(stream, []))
+                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: start}, count=max(count, 1))
             replies = await pipe.execute()
         taken: dict[str, Entries] = {}
         for reply in replies:
@@ -385,7 +418,7 @@ class Worker:
         return Outcome(JobStatus.FAILED, error=error)
 
     async def _compute(self, model_id: str, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
-        hooks = _Hooks(self, asyncio.get_running_loop())
+        hooks = _Hooks(self, asyncio.get_running_loop(), jobs)
         outcomes = await self._in_thread(run_guarded, self.runners[model_id], jobs, hooks)
         return cast(tuple[list[Outcome], list[int]], outcomes)
 
@@ -511,14 +544,22 @@ class Worker:
 
 
 class _Hooks:
-    """BatchHooks for the inference thread, handing progress to the event loop."""
+    """BatchHooks for the inference thread, handing progress to the event loop.
 
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+    Progress is reported for queued jobs only: a synchronous request's client
+    never learns its job's id, so nobody could follow it, and the writes would
+    only slow the batch down.
+    """
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop, jobs: list[Job]) -> None:
         self.worker = worker
         self.loop = loop
+        self.followed = {job.id for job in jobs if job.reply_to is None}
 
     def progress(self, job_ids: list[str], step: int, total: int) -> None:
-        self.loop.call_soon_threadsafe(self.worker.report_progress, job_ids, step, total)
+        followed = [job_id for job_id in job_ids if job_id in self.followed]
+        if followed:
+            self.loop.call_soon_threadsafe(self.worker.report_progress, followed, step, total)
 
     def cancelled(self, job_id: str) -> bool:
         return job_id in self.worker.cancelled

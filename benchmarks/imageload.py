@@ -1,0 +1,150 @@
+"""Image requests for the images benchmark: the same image in-process and through Hearth.
+
+``image_input`` is the job input the API queues for ``request_body``, so the
+raw runner and the worker generate the same image for the same seed.
+``sequential`` and ``closed_loop`` drive `POST /v1/images/generations` with
+aiohttp (one session, so connections are kept alive); ``job_phases`` splits
+Hearth's time per request using the job records the API and worker wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aiohttp
+import redis
+
+PROMPT = "a lighthouse by the sea at dusk, oil on canvas"
+GUIDANCE = 7.5
+JSON = {"Content-Type": "application/json"}
+TIMEOUT_S = 120.0
+
+
+def request_body(model: str, size: int, steps: int, seed: int) -> dict[str, Any]:
+    """The body of one `POST /v1/images/generations` for a ``size``-pixel square image."""
+    return {
+        "model": model,
+        "prompt": PROMPT,
+        "size": f"{size}x{size}",
+        "num_inference_steps": steps,
+        "guidance_scale": GUIDANCE,
+        "seed": seed,
+        "response_format": "b64_json",
+    }
+
+
+def image_input(size: int, steps: int, seed: int) -> dict[str, Any]:
+    """The job input the API queues for ``request_body(model, size, steps, seed)``."""
+    return {
+        "prompt": PROMPT,
+        "negative_prompt": "",
+        "n": 1,
+        "width": size,
+        "height": size,
+        "steps": steps,
+        "guidance": GUIDANCE,
+        "seed": seed,
+        "scheduler": "",
+        "response_format": "b64_json",
+    }
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request through Hearth, timed by the client."""
+
+    sent_at: float  # time.time() just before sending
+    received_at: float  # time.time() once the whole answer was read
+    ms: float  # the same span on the monotonic clock
+
+
+async def _post(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sent:
+    sent_at, started = time.time(), time.perf_counter()
+    async with client.post(f"{url}/v1/images/generations", data=json.dumps(body)) as response:
+        payload = await response.read()
+    ms = (time.perf_counter() - started) * 1000
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {payload[:300]!r}")
+    return Sent(sent_at, time.time(), ms)
+
+
+def _session(concurrency: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
+        headers=JSON,
+    )
+
+
+async def sequential(
+    url: str, model: str, size: int, steps: int, seeds: list[int], warmup: int
+) -> list[Sent]:
+    """One request at a time, one per seed, after ``warmup`` unmeasured ones."""
+    async with _session(1) as client:
+        for seed in range(warmup):
+            await _post(client, url, request_body(model, size, steps, seed))
+        return [await _post(client, url, request_body(model, size, steps, s)) for s in seeds]
+
+
+async def closed_loop(
+    url: str, model: str, size: int, steps: int, total: int, concurrency: int
+) -> float:
+    """Images per second of ``total`` requests from ``concurrency`` back-to-back clients.
+
+    Every request has its own seed; size, steps and guidance are shared, so the
+    worker may run concurrent requests in one pipeline call."""
+    counter = itertools.count()
+
+    async def client_loop(client: aiohttp.ClientSession) -> None:
+        while (index := next(counter)) < total:
+            await _post(client, url, request_body(model, size, steps, 1000 + index))
+
+    async with _session(concurrency) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return total / (time.perf_counter() - started)
+
+
+PHASES = (
+    "API in: HTTP, validation",
+    "queue → worker start",
+    "worker run: pipeline, PNG",
+    "store, reply, HTTP out",
+)
+
+
+def job_phases(client: redis.Redis, namespace: str, model: str, calls: list[Sent]) -> list[float]:
+    """Mean ms per phase (see ``PHASES``) of ``calls``, sequential requests for ``model``.
+
+    Jobs are matched to calls in order of creation: the records of ``model``
+    created between the first send and the last answer. Times come from the
+    job record (``created_at`` in the API, ``started_at`` and ``finished_at``
+    in the worker) and from the client; all are this machine's wall clock.
+    """
+    keys = client.scan_iter(match=f"{namespace}:job:*")
+    records = [cast(dict[bytes, bytes], client.hgetall(key)) for key in keys]
+    chosen = sorted(
+        (
+            record
+            for record in records
+            if record[b"model"].decode() == model
+            and calls[0].sent_at <= float(record[b"created_at"]) <= calls[-1].received_at
+        ),
+        key=lambda record: float(record[b"created_at"]),
+    )
+    if len(chosen) != len(calls):
+        raise RuntimeError(f"found {len(chosen)} job records for {len(calls)} requests")
+    totals = [0.0] * len(PHASES)
+    for call, record in zip(calls, chosen, strict=True):
+        created, started, finished = (
+            float(record[name]) for name in (b"created_at", b"started_at", b"finished_at")
+        )
+        marks = (call.sent_at, created, started, finished, call.received_at)
+        for index in range(len(PHASES)):
+            totals[index] += marks[index + 1] - marks[index]
+    return [total / len(calls) * 1000 for total in totals]
