@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import Process, free_port, hearth_env, wait_for
+from tests.support import Process, hearth_env, start_api, wait_for
 
 MODEL = "all-minilm-l6-v2"
 WEBHOOK_SECRET = "test-webhook-secret"
@@ -83,7 +83,6 @@ def stack(
 
     build_demo_models(root / "models")
     namespace = f"test-{uuid.uuid4().hex[:10]}"
-    port = free_port()
     env = hearth_env(
         REDIS_URL=redis_url,
         HEARTH_NAMESPACE=namespace,
@@ -95,8 +94,7 @@ def stack(
         HEARTH_TORCH_THREADS="1",
     )
     worker = Process(["worker"], env, root / "worker.log")
-    api = Process(["api", "--port", str(port)], env, root / "api.log")
-    url = f"http://127.0.0.1:{port}"
+    api, url = start_api(env, root)
     try:
         wait_for(f"{url}/readyz", [worker, api])
         yield Stack(url=url, namespace=namespace, env=env, api=api, worker=worker)

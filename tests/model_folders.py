@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models.st_config import POOLING_SWITCHES
+
 ENCODER_FILES = (
     "config.json",
     "model.safetensors",
@@ -47,15 +49,10 @@ def with_pooling(source: Path, folder: Path, mode: str, normalize: bool) -> Path
         )
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir()
-    switches = {
-        "cls": "pooling_mode_cls_token",
-        "max": "pooling_mode_max_tokens",
-        "mean": "pooling_mode_mean_tokens",
-        "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
-        "weightedmean": "pooling_mode_weightedmean_tokens",
-        "lasttoken": "pooling_mode_lasttoken",
+    config = {
+        "word_embedding_dimension": 384,
+        **{switch: False for switch in POOLING_SWITCHES.values()},
     }
-    config = {"word_embedding_dimension": 384, **{switch: False for switch in switches.values()}}
-    config[switches[mode]] = True
+    config[POOLING_SWITCHES[mode]] = True
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(config))
     return folder

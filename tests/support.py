@@ -70,6 +70,13 @@ class Process:
         return self.popen.returncode
 
 
+def start_api(env: dict[str, str], folder: Path) -> tuple[Process, str]:
+    """A `hearth api` on a free port, logging into ``folder``; and its base URL."""
+    port = free_port()
+    api = Process(["api", "--port", str(port)], env, folder / f"api-{port}.log")
+    return api, f"http://127.0.0.1:{port}"
+
+
 def wait_for(
     url: str, processes: list[Process], status: int = 200, timeout_s: float = 120.0
 ) -> httpx.Response:

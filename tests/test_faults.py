@@ -18,7 +18,7 @@ import redis
 
 from hearth.embedded_redis import EmbeddedRedis
 from models.demo import build_demo_models
-from tests.support import Process, free_port, hearth_env, wait_for
+from tests.support import Process, hearth_env, start_api, wait_for
 from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,8 @@ class Site:
         return process
 
     def api(self) -> tuple[Process, str]:
-        port = free_port()
-        process = self.start("api", "--port", str(port))
-        url = f"http://127.0.0.1:{port}"
+        process, url = start_api(self.env, self.root)
+        self.processes.append(process)
         wait_for(f"{url}/healthz", [process])
         return process, url
 

@@ -12,7 +12,7 @@ import redis
 
 from tests.conftest import MODEL, Stack
 from tests.model_folders import plain_encoder
-from tests.support import Process, free_port, hearth_env, wait_for
+from tests.support import Process, free_port, hearth_env, start_api, wait_for
 from workers.protocol import Keys
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,7 @@ def api_with_unheld_model(stack: Stack, tmp_path: Path, packaged_model_path: Pat
     """A second API on the same namespace whose store holds a model no worker has."""
     store = tmp_path / "models"
     plain_encoder(packaged_model_path, store / "unheld-encoder")
-    port = free_port()
-    api = Process(
-        ["api", "--port", str(port)],
-        {**stack.env, "HEARTH_MODELS_DIR": str(store)},
-        tmp_path / "api.log",
-    )
-    url = f"http://127.0.0.1:{port}"
+    api, url = start_api({**stack.env, "HEARTH_MODELS_DIR": str(store)}, tmp_path)
     try:
         wait_for(f"{url}/healthz", [api])
         yield url
@@ -67,15 +61,14 @@ def test_a_model_without_a_live_worker_is_a_503(api_with_unheld_model: str) -> N
 
 
 def test_redis_unreachable_is_a_prompt_503(tmp_path: Path) -> None:
-    port = free_port()
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     env = hearth_env(
         REDIS_URL=dead_redis, HEARTH_STATE_DIR=str(tmp_path), HEARTH_REDIS_TIMEOUT_S="1"
     )
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    api, url = start_api(env, tmp_path)
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", [api])
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        wait_for(f"{url}/healthz", [api])
+        with httpx.Client(base_url=url, timeout=30) as http:
             started = time.monotonic()
             response = http.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
             assert response.status_code == 503
@@ -90,7 +83,6 @@ def test_redis_unreachable_is_a_prompt_503(tmp_path: Path) -> None:
 def test_a_stopped_worker_leaves_and_readiness_follows(
     redis_url: str, redis_client: redis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    port = free_port()
     env = hearth_env(
         REDIS_URL=redis_url,
         HEARTH_NAMESPACE=namespace,
@@ -99,8 +91,7 @@ def test_a_stopped_worker_leaves_and_readiness_follows(
         HEARTH_WORKER_TTL_S="3",
     )
     worker = Process(["worker"], env, tmp_path / "worker.log")
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
-    url = f"http://127.0.0.1:{port}"
+    api, url = start_api(env, tmp_path)
     try:
         wait_for(f"{url}/readyz", [worker, api])
         assert redis_client.hlen(Keys(namespace).workers()) == 1

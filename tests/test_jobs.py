@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
-from tests.support import Process, free_port, wait_for
+from tests.support import free_port, start_api, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -260,13 +260,12 @@ def test_a_failing_webhook_never_fails_the_job(client: httpx.Client, stack: Stac
 
 
 def test_webhooks_need_a_secret(stack: Stack, tmp_path: Path) -> None:
-    port = free_port()
     env = {k: v for k, v in stack.env.items() if k != "HEARTH_WEBHOOK_SECRET"}
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    api, url = start_api(env, tmp_path)
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", [api])
+        wait_for(f"{url}/healthz", [api])
         response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/jobs",
+            f"{url}/v1/jobs",
             json={"type": "images.generations", "input": QUICK, "webhook": "http://127.0.0.1:9/x"},
         )
         assert response.status_code == 400

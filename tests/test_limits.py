@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import MODEL, Stack
-from tests.support import Process, free_port, hearth_env, wait_for
+from tests.support import hearth_env, start_api, wait_for
 from workers.protocol import Keys
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def small_api(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[str]:
     """An API with tiny limits and no worker, so queued jobs stay queued."""
-    port = free_port()
     env = hearth_env(
         REDIS_URL=redis_url,
         HEARTH_NAMESPACE=namespace,
@@ -28,10 +27,10 @@ def small_api(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[str]:
         HEARTH_MAX_QUEUE_DEPTH="5",
         HEARTH_MAX_BODY_BYTES="2048",
     )
-    api = Process(["api", "--port", str(port)], env, tmp_path / "api.log")
+    api, url = start_api(env, tmp_path)
     try:
-        wait_for(f"http://127.0.0.1:{port}/healthz", [api])
-        yield f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/healthz", [api])
+        yield url
     finally:
         api.stop()
 
