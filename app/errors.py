@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 
 from app.responses import JSONResponse
+from app.schemas import JOB_TYPES
 from models.registry import UnknownModelError
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,14 @@ def from_validation(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "parse error")
         return InvalidRequest(f"The request body is not valid JSON: {reason}", code="invalid_json")
-    param = _param(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        return InvalidRequest(
+            f"Invalid 'type': {first.get('msg')}", param="type", code="invalid_value"
+        )
+    if len(loc) > 1 and loc[1] in JOB_TYPES:
+        loc = (loc[0], *loc[2:])  # the tag pydantic adds for a queued job's type
+    param = _param(loc)
     if param is None:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -150,18 +150,33 @@ class ImageResponse(BaseModel):
     data: list[Image]
 
 
-class JobRequest(BaseModel):
-    """`POST /v1/jobs`: any request body, queued; the answer comes later."""
-
+class _QueuedJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["embeddings", "images.generations"] = Field(
-        description="Which route's body `input` is."
-    )
-    input: dict[str, Any] = Field(description="The body the synchronous route takes.")
     webhook: HttpUrl | None = Field(
         default=None, description="Told of the job's end by a signed POST of the job."
     )
+
+
+class EmbeddingsJob(_QueuedJob):
+    """A queued `POST /v1/embeddings`."""
+
+    type: Literal["embeddings"]
+    input: EmbeddingRequest = Field(description="The body `POST /v1/embeddings` takes.")
+
+
+class ImagesJob(_QueuedJob):
+    """A queued `POST /v1/images/generations`."""
+
+    type: Literal["images.generations"]
+    input: ImageGenerationRequest = Field(
+        description="The body `POST /v1/images/generations` takes."
+    )
+
+
+# `POST /v1/jobs`: a route's body, queued; the answer comes later. `type` says which.
+JobRequest = Annotated[EmbeddingsJob | ImagesJob, Field(discriminator="type")]
+JOB_TYPES = ("embeddings", "images.generations")
 
 
 class Progress(BaseModel):

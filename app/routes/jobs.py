@@ -8,29 +8,19 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.responses import JSONResponse
 from app.routes import embeddings, images
-from app.schemas import EmbeddingRequest, ErrorBody, ImageGenerationRequest, JobRequest, JobView
+from app.schemas import EmbeddingsJob, ErrorBody, JobRequest, JobView
 from app.state import AppState, StateDep
 from app.submit import accept, public_base
-from workers.protocol import TERMINAL_STATUSES, JobStatus, JobType, absolute_urls
+from workers.protocol import TERMINAL_STATUSES, JobStatus, absolute_urls
 
 router = APIRouter(tags=["jobs"])
 
 EVENT_POLL_S = 5.0  # how often a quiet event stream rereads the job, in case an event was missed
-
-
-def _validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [{**error, "loc": ("body", "input", *error["loc"])} for error in exc.errors()]
-        raise RequestValidationError(errors) from None
 
 
 @router.post(
@@ -54,10 +44,10 @@ async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSO
             param="webhook",
         )
     deadline = state.settings.job_timeout_s
-    if body.type == JobType.EMBEDDINGS.value:
-        job = embeddings.prepare(_validated(EmbeddingRequest, body.input), state, deadline)
+    if isinstance(body, EmbeddingsJob):
+        job = embeddings.prepare(body.input, state, deadline)
     else:
-        job = images.prepare(_validated(ImageGenerationRequest, body.input), state, deadline)
+        job = images.prepare(body.input, state, deadline)
     if webhook:
         job = job.with_webhook(webhook)
     return await accept(state, request, job)
