@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 import hearth
 from app import errors
+from app.auth import TOKEN_BUCKET_SCRIPT, authorize
 from app.dispatcher import Dispatcher
 from app.fleet import Fleet
 from app.limits import BodyLimit
@@ -43,6 +44,8 @@ def build_state(settings: Settings) -> AppState:
         served=served,
         dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
+        api_keys=settings.all_api_keys(),
+        rate_limiter=redis.register_script(TOKEN_BUCKET_SCRIPT),
     )
 
 
@@ -67,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hearth = state
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
-    for module in (embeddings, images, jobs, files, models, health):
-        app.include_router(module.router)
+    for module in (embeddings, images, jobs, files, models):
+        app.include_router(module.router, dependencies=[Depends(authorize)])
+    app.include_router(health.router)  # probes need no key
     return app

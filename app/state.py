@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from app.dispatcher import Dispatcher
 from app.errors import InvalidRequest
@@ -23,6 +24,8 @@ class AppState:
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
     fleet: Fleet
+    api_keys: list[str]  # empty: no key needed
+    rate_limiter: AsyncScript  # the token bucket script
 
     def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
         """The served model ``model_id``: 404 when unknown, 400 when of another ``kind``."""

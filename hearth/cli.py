@@ -59,8 +59,13 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
     # uvicorn re-raises the signal it stopped on once it has shut down cleanly;
     # SIGTERM is the normal way to stop the API, so that ends with exit code 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        application = create_app(settings)
+    except OSError as exc:
+        typer.echo(f"error: HEARTH_API_KEYS_FILE: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run(
-        create_app(settings),
+        application,
         host=host or settings.host,
         port=port or settings.port,
         loop="uvloop",

@@ -122,11 +122,24 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=3.0, gt=0, description="Connect and command timeout towards Redis."
     )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when any is set, requests need one.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of API keys, one per line (added to HEARTH_API_KEYS)."
+    )
+    rate_limit_per_s: float = Field(
+        default=0.0, ge=0, description="Requests per second per API key (or client); 0: no limit."
+    )
+    rate_limit_burst: int = Field(
+        default=0, ge=0, description="Requests a caller may send at once; 0: the rate, rounded up."
+    )
     log_level: LogLevel = Field(default="info", description="Log level of every process.")
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "api_keys", mode="before")
     @classmethod
-    def _split_models(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
@@ -136,6 +149,16 @@ class Settings(BaseSettings):
         if self.worker_ttl_s <= self.heartbeat_s:
             raise ValueError("HEARTH_WORKER_TTL_S must be longer than HEARTH_HEARTBEAT_S")
         return self
+
+    def all_api_keys(self) -> list[str]:
+        """The keys from HEARTH_API_KEYS and HEARTH_API_KEYS_FILE (blank lines and # comments
+        skipped). Raises OSError naming the file if it cannot be read."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    keys.append(line.strip())
+        return keys
 
     @property
     def model_store(self) -> Path:

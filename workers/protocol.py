@@ -76,6 +76,10 @@ class Keys:
         """Stream of jobs given up on after HEARTH_MAX_ATTEMPTS, with their last error."""
         return f"{self.namespace}:dead-letters"
 
+    def rate_limit(self, caller: str) -> str:
+        """Token bucket of one API key (its digest) or client address."""
+        return f"{self.namespace}:rate:{{{caller}}}"
+
     def workers(self) -> str:
         """Hash of live workers: worker id → JSON heartbeat."""
         return f"{self.namespace}:workers"
