@@ -5,18 +5,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.server
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis
 
 from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
 from tests.support import free_port, start_api, wait_for
+from workers.protocol import Keys
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +277,38 @@ def test_webhooks_need_a_secret(stack: Stack, tmp_path: Path) -> None:
         assert "HEARTH_WEBHOOK_SECRET" in response.json()["error"]["message"]
     finally:
         api.stop()
+
+
+def test_a_synchronous_request_past_its_deadline_is_a_504_and_its_job_cancelled(
+    stack: Stack, tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    api, url = start_api({**stack.env, "HEARTH_REQUEST_TIMEOUT_S": "1.5"}, tmp_path)
+    try:
+        wait_for(f"{url}/readyz", [api])
+        before = set(redis_client.scan_iter(match=Keys(stack.namespace).job("*")))
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/images/generations", json={**SLOW, "seed": 77}, timeout=30)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - started < 5
+        (key,) = set(redis_client.scan_iter(match=Keys(stack.namespace).job("*"))) - before
+        assert redis_client.hget(key, "status") == b"cancelled"
+    finally:
+        api.stop()
+    # The worker hears the cancellation and is free again within moments.
+    with httpx.Client(base_url=stack.url) as http:
+        probe = submit(http, "images.generations", QUICK)
+        assert wait_until(http, probe["id"], ended, timeout_s=15)["status"] == "succeeded"
+
+
+def test_sigterm_lets_the_api_answer_the_requests_it_holds(stack: Stack, tmp_path: Path) -> None:
+    api, url = start_api(stack.env, tmp_path)
+    wait_for(f"{url}/readyz", [api])
+    body = {**QUICK, "size": "512x512", "num_inference_steps": 20}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(httpx.post, f"{url}/v1/images/generations", json=body, timeout=60)
+        time.sleep(0.5)  # the request is in, waiting on its job
+        api.popen.send_signal(signal.SIGTERM)
+        assert pending.result().status_code == 200
+    assert api.popen.wait(30) == 0
+    api.stop()
