@@ -278,3 +278,16 @@ def test_redis_restarted_mid_run_loses_no_job(site: Site) -> None:
     assert worker.popen.poll() is None
     after = submit(url, {**body, "seed": 99})
     assert wait_all(url, [after])[after]["status"] == "succeeded"
+
+
+def test_a_job_past_its_deadline_is_skipped_as_expired(site: Site) -> None:
+    site.env["HEARTH_JOB_TIMEOUT_S"] = "1"
+    _api, url = site.api()
+    body = {"model": "demo-dit", "prompt": "too late", "num_inference_steps": 4}
+    job_id = submit(url, body)  # no worker yet: it waits in the queue past its deadline
+    time.sleep(1.5)
+    site.start("worker")
+    job = wait_all(url, [job_id], timeout_s=90)[job_id]
+    assert job["status"] == "expired"
+    assert job["error"]["type"] == "timeout"
+    assert job["result"] is None
