@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -61,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.dispatcher.stop()
             await state.redis.aclose()
 
-    app = FastAPI(
+    # The docs pages load their scripts from this server, never from a CDN.
+    app = FastAPIOffline(
         title="Hearth",
         version=hearth.__version__,
         summary="Text embeddings and generated images over HTTP, OpenAI-compatible.",
