@@ -152,8 +152,10 @@ class Dispatcher:
         return job_view(job_id, record) if record else None
 
     async def _read_outcome(self, job_id: str) -> dict[str, Any] | None:
-        fields = await self.redis.hmget(self.keys.job(job_id), "status", "result", "error")
-        status, result, error = cast(list[bytes | None], fields)
+        fields = await self.redis.hmget(
+            self.keys.job(job_id), "status", "result", "error", "started_at", "finished_at"
+        )
+        status, result, error, started_at, finished_at = cast(list[bytes | None], fields)
         if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
             return None
         return {
@@ -161,6 +163,8 @@ class Dispatcher:
             "status": status.decode(),
             "result": orjson.loads(result) if result else None,
             "error": orjson.loads(error) if error else None,
+            "started_at": float(started_at) if started_at else None,
+            "finished_at": float(finished_at) if finished_at else None,
         }
 
     async def cancel(self, job_id: str) -> bool:

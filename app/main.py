@@ -17,8 +17,9 @@ from app.auth import TOKEN_BUCKET_SCRIPT, authorize
 from app.dispatcher import Dispatcher
 from app.fleet import Fleet
 from app.limits import BodyLimit
-from app.routes import embeddings, files, health, images, jobs, models
+from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
 from app.state import AppState
+from app.telemetry import Metrics, Telemetry
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
@@ -45,6 +46,7 @@ def build_state(settings: Settings) -> AppState:
         served=served,
         dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
+        metrics=Metrics(),
         api_keys=settings.all_api_keys(),
         rate_limiter=redis.register_script(TOKEN_BUCKET_SCRIPT),
     )
@@ -72,7 +74,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hearth = state
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
+    app.add_middleware(Telemetry, metrics=state.metrics)
     for module in (embeddings, images, jobs, files, models):
         app.include_router(module.router, dependencies=[Depends(authorize)])
-    app.include_router(health.router)  # probes need no key
+    app.include_router(health.router)  # probes and metrics need no key
+    app.include_router(playground.router)  # a public page; its API calls need the key
+    app.include_router(metrics.router)
     return app

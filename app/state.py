@@ -12,6 +12,7 @@ from redis.commands.core import AsyncScript
 from app.dispatcher import Dispatcher
 from app.errors import InvalidRequest
 from app.fleet import Fleet
+from app.telemetry import Metrics
 from hearth.settings import Settings
 from models.registry import ModelKind, ModelSpec, Registry, UnknownModelError
 
@@ -24,6 +25,7 @@ class AppState:
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
     fleet: Fleet
+    metrics: Metrics
     api_keys: list[str]  # empty: no key needed
     rate_limiter: AsyncScript  # the token bucket script
 

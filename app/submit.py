@@ -8,6 +8,7 @@ result. With ``Prefer: respond-async`` (or through `POST /v1/jobs`), answer
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastapi import Request
 from app.errors import Conflict, DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
 from app.responses import JSONResponse
 from app.state import AppState
+from app.telemetry import STARTED
 from workers.protocol import Job, JobStatus, absolute_urls, job_view
 
 
@@ -92,7 +94,20 @@ async def respond(state: AppState, request: Request, prepare: Prepare) -> JSONRe
     result: dict[str, Any] = absolute_urls({"result": reply["result"]}, public_base(request))[
         "result"
     ]
-    return JSONResponse(result)
+    return JSONResponse(result, headers=_timings(request, job, reply))
+
+
+def _timings(request: Request, job: Job, reply: dict[str, Any]) -> dict[str, str]:
+    """Where a synchronous request's time went, in milliseconds."""
+    headers = {}
+    started, finished = reply.get("started_at"), reply.get("finished_at")
+    if started is not None and finished is not None:
+        headers["x-queue-time"] = f"{max(0.0, started - job.created_at) * 1000:.1f}"
+        headers["x-inference-time"] = f"{max(0.0, finished - started) * 1000:.1f}"
+    arrived = request.scope.get(STARTED)
+    if arrived is not None:
+        headers["x-total-time"] = f"{(time.perf_counter() - arrived) * 1000:.1f}"
+    return headers
 
 
 def _failure(reply: dict[str, Any]) -> Exception:

@@ -43,7 +43,7 @@ def serve(host: HostOption = None, port: PortOption = None) -> None:
     from hearth.serve import serve as run_all
 
     settings = load_settings()
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     raise typer.Exit(run_all(settings, host or settings.host, port or settings.port))
 
 
@@ -55,7 +55,7 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
     from app.main import create_app
 
     settings = load_settings()
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     # uvicorn re-raises the signal it stopped on once it has shut down cleanly;
     # SIGTERM is the normal way to stop the API, so that ends with exit code 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -71,6 +71,7 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's records go through Hearth's own (JSON) handler
         access_log=False,
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )
@@ -91,7 +92,7 @@ def worker(
     from workers.worker import Worker
 
     settings = load_settings(models=models, device=device)
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     registry = Registry.scan(settings.model_store)
     try:
         specs = registry.select(settings.models)

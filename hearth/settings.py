@@ -136,6 +136,15 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Requests a caller may send at once; 0: the rate, rounded up."
     )
     log_level: LogLevel = Field(default="info", description="Log level of every process.")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="`json`: one object per line, with request_id and job_id."
+    )
+    worker_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port a worker serves its Prometheus metrics on; 0: none.",
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

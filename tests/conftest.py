@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support import Process, hearth_env, start_api, wait_for
+from tests.support import Process, free_ports, hearth_env, start_api, wait_for
 
 MODEL = "all-minilm-l6-v2"
 WEBHOOK_SECRET = "test-webhook-secret"
@@ -83,6 +83,7 @@ def stack(
 
     build_demo_models(root / "models")
     namespace = f"test-{uuid.uuid4().hex[:10]}"
+    api_port, metrics_port = free_ports(2)
     env = hearth_env(
         REDIS_URL=redis_url,
         HEARTH_NAMESPACE=namespace,
@@ -92,9 +93,10 @@ def stack(
         HEARTH_WORKER_TTL_S="3",
         HEARTH_WEBHOOK_SECRET=WEBHOOK_SECRET,
         HEARTH_TORCH_THREADS="1",
+        HEARTH_WORKER_METRICS_PORT=str(metrics_port),
     )
     worker = Process(["worker"], env, root / "worker.log")
-    api, url = start_api(env, root)
+    api, url = start_api(env, root, api_port)
     try:
         wait_for(f"{url}/readyz", [worker, api])
         yield Stack(url=url, namespace=namespace, env=env, api=api, worker=worker)

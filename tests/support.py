@@ -15,10 +15,19 @@ HEARTH = [sys.executable, "-m", "hearth"]
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def hearth_env(**overrides: str) -> dict[str, str]:
@@ -70,9 +79,9 @@ class Process:
         return self.popen.returncode
 
 
-def start_api(env: dict[str, str], folder: Path) -> tuple[Process, str]:
-    """A `hearth api` on a free port, logging into ``folder``; and its base URL."""
-    port = free_port()
+def start_api(env: dict[str, str], folder: Path, port: int | None = None) -> tuple[Process, str]:
+    """A `hearth api` on ``port`` (default: a free one), logging into ``folder``; its URL."""
+    port = port or free_port()
     api = Process(["api", "--port", str(port)], env, folder / f"api-{port}.log")
     return api, f"http://127.0.0.1:{port}"
 

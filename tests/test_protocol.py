@@ -57,14 +57,14 @@ def test_keys_share_a_hash_tag_per_model_and_job() -> None:
 
 def test_reply_embeds_the_result_as_json() -> None:
     outcome = Outcome(JobStatus.SUCCEEDED, result=b'{"object":"list"}')
-    assert orjson.loads(reply_message("job_1", outcome)) == {
+    assert orjson.loads(reply_message("job_1", outcome, 1.0, 2.0)) == {
         "id": "job_1",
         "status": "succeeded",
         "result": {"object": "list"},
         "error": None,
     }
     failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
-    assert orjson.loads(reply_message("job_2", failed))["error"]["message"] == "boom"
+    assert orjson.loads(reply_message("job_2", failed, None, 2.0))["error"]["message"] == "boom"
 
 
 def _seed(client: redis.Redis, keys: Keys, job: Job) -> str:

@@ -215,7 +215,9 @@ class Outcome:
     retryable: bool = False  # a failure another attempt may not repeat (not the input's fault)
 
 
-def reply_message(job_id: str, outcome: Outcome) -> bytes:
+def reply_message(
+    job_id: str, outcome: Outcome, started_at: float | None, finished_at: float
+) -> bytes:
     """What a worker publishes on the API's reply channel once a job is stored."""
     return orjson.dumps(
         {
@@ -223,6 +225,8 @@ def reply_message(job_id: str, outcome: Outcome) -> bytes:
             "status": outcome.status.value,
             "result": orjson.Fragment(outcome.result) if outcome.result is not None else None,
             "error": outcome.error.to_dict() if outcome.error else None,
+            "started_at": started_at,
+            "finished_at": finished_at,
         }
     )
 

@@ -40,6 +40,7 @@ from models.components import ComponentCache
 from models.device import Placement, choose_placement
 from models.registry import ModelKind, ModelSpec
 from workers.hooks import BatchHooks
+from workers.metrics import WorkerMetrics
 from workers.protocol import (
     CONSUMER_GROUP,
     FINISH_SCRIPT,
@@ -145,6 +146,7 @@ class Worker:
         self._progress = self.redis.register_script(PROGRESS_SCRIPT)
         self._progress_writes: set[asyncio.Task[Any]] = set()
         self.webhooks = WebhookSender(settings, self.redis, self.keys)
+        self.metrics = WorkerMetrics()
 
     def stop(self) -> None:
         logger.info("worker %s: stopping after the batch it holds", self.name)
@@ -183,14 +185,19 @@ class Worker:
             self.runners[spec.id] = await self._in_thread(
                 load_runner, spec, self.placement, self.settings, cache
             )
+            load_seconds = time.perf_counter() - started
+            self.metrics.load_seconds.labels(spec.id).set(load_seconds)
             logger.info(
                 "worker %s: loaded %s on %s in %.1f s",
                 self.name,
                 spec.id,
                 self.placement.device,
-                time.perf_counter() - started,
+                load_seconds,
             )
         await self._ensure_groups()
+        self.metrics.track_device(str(self.placement.device))
+        if self.settings.worker_metrics_port:
+            self.metrics.serve(self.settings.worker_metrics_port)
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -350,7 +357,10 @@ class Worker:
             except (KeyError, ValueError) as exc:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
 
+        started = time.time()
         runnable, outcomes, attempts = await self._start_jobs(jobs)
+        for job in runnable:
+            self.metrics.queued_seconds.labels(model_id).observe(max(0.0, started - job.created_at))
         sizes: list[int] = []
         if runnable:
             keep_claimed = asyncio.create_task(self._keep_claimed(stream, entry_ids))
@@ -373,11 +383,14 @@ class Worker:
                 continue
             if outcome.retryable:
                 outcome = self._give_up(pipe, job, outcome, attempts[job.id])
-            await self._store(pipe, job, outcome, now)
+            await self._store(pipe, job, outcome, started, now)
+            self.metrics.jobs.labels(model_id, outcome.status.value).inc()
+            self.metrics.run_seconds.labels(model_id).observe(now - started)
         pipe.xack(stream, CONSUMER_GROUP, *entry_ids)
         pipe.xdel(stream, *entry_ids)
         for size in sizes:
             pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
+            self.metrics.batch_size.labels(model_id).observe(size)
         await pipe.execute()
         for job in jobs:
             self.cancelled.pop(job.id, None)
@@ -459,7 +472,9 @@ class Worker:
                 runnable.append(job)
         return runnable, ended, attempts
 
-    async def _store(self, pipe: Any, job: Job, outcome: Outcome, now: float) -> None:
+    async def _store(
+        self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float
+    ) -> None:
         for file_id, content in outcome.files.items():
             pipe.set(self.keys.file(file_id), content, ex=self.settings.result_ttl_s)
         error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
@@ -472,7 +487,7 @@ class Worker:
                 outcome.result or b"",
                 error,
                 job.reply_to or "",
-                reply_message(job.id, outcome) if job.reply_to else b"",
+                reply_message(job.id, outcome, started, now) if job.reply_to else b"",
                 self.keys.events(job.id),
             ],
             client=pipe,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from app.submit import accept, public_base
 from workers.protocol import TERMINAL_STATUSES, JobStatus, absolute_urls
 
 router = APIRouter(tags=["jobs"])
+logger = logging.getLogger(__name__)
 
 EVENT_POLL_S = 5.0  # how often a quiet event stream rereads the job, in case an event was missed
 
@@ -89,6 +91,7 @@ async def cancel_job(job_id: str, request: Request, state: StateDep) -> JSONResp
             f"Job '{job_id}' already ended ({view['status']}); there is nothing to cancel.",
             code="job_ended",
         )
+    logger.info("job cancelled by the client", extra={"job_id": job_id})
     return JSONResponse(await _view(state, request, job_id))
 
 
