@@ -6,11 +6,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
+CHROMIUM := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve test lint bench clean
 
 install: $(STAMP)
+	@# The browser tests (tests/test_playground.py) drive Debian's Chromium. Hearth itself
+	@# does not need it: without root (or apt), say how to get it and carry on.
+	@if [ ! -x $(CHROMIUM) ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "Installing chromium for the browser tests"; \
+	        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	            || echo "warning: could not install chromium; the browser tests will fail" >&2; \
+	    else \
+	        echo "note: $(CHROMIUM) is missing; the browser tests (tests/test_playground.py) need it." >&2; \
+	        echo "      Install it with: sudo apt-get update && sudo apt-get install -y chromium" >&2; \
+	    fi; \
+	fi
 
 # torch goes in first and on its own: resolved as a plain dependency it would
 # pull a multi-GB CUDA build onto CPU machines.
