@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from starlette.responses import Response
 
 import hearth
 from app import errors
@@ -23,6 +25,11 @@ from app.telemetry import Metrics, Telemetry
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
+
+DOCS_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; font-src 'self' data:"
+)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -75,6 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(Telemetry, metrics=state.metrics)
+
+    @app.middleware("http")
+    async def docs_stay_local(request: Request, call_next: Any) -> Response:
+        # ReDoc's bundle links a logo on its CDN: keep the docs pages from fetching anything
+        # that is not served here.
+        response: Response = await call_next(request)
+        if request.url.path in ("/docs", "/redoc"):
+            response.headers["Content-Security-Policy"] = DOCS_POLICY
+        return response
+
     for module in (embeddings, images, jobs, files, models):
         app.include_router(module.router, dependencies=[Depends(authorize)])
     app.include_router(health.router)  # probes and metrics need no key

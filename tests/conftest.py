@@ -15,10 +15,22 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from playwright.sync_api import Browser, sync_playwright
 
 from tests.support import Process, free_ports, hearth_env, start_api, wait_for
 
 MODEL = "all-minilm-l6-v2"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # screenshots; git-ignored
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 WEBHOOK_SECRET = "test-webhook-secret"
 
 
@@ -117,3 +129,13 @@ def packaged_model_path() -> Path:
     from models.registry import packaged_embedding_path
 
     return packaged_embedding_path()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -6,6 +6,9 @@ import re
 
 import httpx
 import pytest
+from playwright.sync_api import Browser
+
+from tests.conftest import ARTIFACTS, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +42,30 @@ def test_the_openapi_document_lists_every_route(client: httpx.Client) -> None:
         "/readyz",
     ):
         assert path in paths, path
+
+
+@pytest.mark.parametrize(
+    ("page", "marker"), [("/docs", ".opblock"), ("/redoc", "[data-section-id]")]
+)
+def test_docs_render_in_a_browser_with_nothing_from_outside(
+    stack: Stack, browser: Browser, page: str, marker: str
+) -> None:
+    tab = browser.new_page()
+    requested: list[str] = []  # requests that went out; ones the page's CSP stopped did not
+    tab.on("requestfinished", lambda request: requested.append(request.url))
+    tab.on(
+        "requestfailed",
+        lambda request: None if request.failure == "csp" else requested.append(request.url),
+    )
+    try:
+        tab.goto(f"{stack.url}{page}")
+        tab.wait_for_selector(marker, timeout=20_000)
+        text = tab.inner_text("body")
+        for path in ("/v1/embeddings", "/v1/images/generations", "/v1/jobs"):
+            assert path in text, f"{page} does not show {path}"
+        ARTIFACTS.mkdir(exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / f"{page.strip('/')}.png"))
+    finally:
+        tab.close()
+    outside = [url for url in requested if not url.startswith((stack.url, "data:", "blob:"))]
+    assert not outside, f"{page} asked other servers for {outside}"
