@@ -145,6 +145,7 @@ class Worker:
         self._retry_script = self.redis.register_script(RETRY_SCRIPT)
         self._progress = self.redis.register_script(PROGRESS_SCRIPT)
         self._progress_writes: set[asyncio.Task[Any]] = set()
+        self._last_progress: asyncio.Task[Any] | None = None
         self.webhooks = WebhookSender(settings, self.redis, self.keys)
         self.metrics = WorkerMetrics()
 
@@ -498,7 +499,13 @@ class Worker:
         progress = orjson.dumps({"step": step, "total": total})
         event = orjson.dumps({"event": "progress", "step": step, "total": total})
 
+        previous = self._last_progress
+
         async def write() -> None:
+            # Writes go out in order: on separate connections, a later step could
+            # otherwise land first and be overwritten by an earlier one.
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 args: list[bytes | str] = [progress, self.keys.events(job_id), event]
@@ -506,6 +513,7 @@ class Worker:
             await pipe.execute()
 
         task = asyncio.create_task(write())
+        self._last_progress = task
         self._progress_writes.add(task)
         task.add_done_callback(self._progress_written)
 
