@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from starlette.responses import Response
 
 import hearth
 from app import errors
 from app.auth import TOKEN_BUCKET_SCRIPT, authorize
 from app.dispatcher import Dispatcher
+from app.docs import DocsPolicy
 from app.fleet import Fleet
 from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
@@ -25,11 +24,6 @@ from app.telemetry import Metrics, Telemetry
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
-
-DOCS_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; font-src 'self' data:"
-)
 
 
 def build_state(settings: Settings) -> AppState:
@@ -71,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.dispatcher.stop()
             await state.redis.aclose()
 
-    # The docs pages load their scripts from this server, never from a CDN.
+    # The docs pages load their scripts from this server, never from a CDN (app/docs.py).
     app = FastAPIOffline(
         title="Hearth",
         version=hearth.__version__,
@@ -82,15 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(Telemetry, metrics=state.metrics)
-
-    @app.middleware("http")
-    async def docs_stay_local(request: Request, call_next: Any) -> Response:
-        # ReDoc's bundle links a logo on its CDN: keep the docs pages from fetching anything
-        # that is not served here.
-        response: Response = await call_next(request)
-        if request.url.path in ("/docs", "/redoc"):
-            response.headers["Content-Security-Policy"] = DOCS_POLICY
-        return response
+    app.add_middleware(DocsPolicy)
 
     for module in (embeddings, images, jobs, files, models):
         app.include_router(module.router, dependencies=[Depends(authorize)])
