@@ -62,6 +62,8 @@ def test_reply_embeds_the_result_as_json() -> None:
         "status": "succeeded",
         "result": {"object": "list"},
         "error": None,
+        "started_at": 1.0,
+        "finished_at": 2.0,
     }
     failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
     assert orjson.loads(reply_message("job_2", failed, None, 2.0))["error"]["message"] == "boom"
