@@ -43,7 +43,6 @@ def build_state(settings: Settings) -> AppState:
     return AppState(
         settings=settings,
         redis=redis,
-        registry=registry,
         served=served,
         dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
         fleet=Fleet(redis, keys, settings.worker_ttl_s),

@@ -95,6 +95,12 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+# The error answers a route that queues work can give, for the OpenAPI document.
+WORK_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 500, 503, 504)
+}
+
+
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
 
 

@@ -14,14 +14,13 @@ from app.errors import InvalidRequest
 from app.fleet import Fleet
 from app.telemetry import Metrics
 from hearth.settings import Settings
-from models.registry import ModelKind, ModelSpec, Registry, UnknownModelError
+from models.registry import ModelKind, ModelSpec, UnknownModelError
 
 
 @dataclass
 class AppState:
     settings: Settings
     redis: Redis
-    registry: Registry
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
     fleet: Fleet

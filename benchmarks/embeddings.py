@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 from report import Level, RawResult, render, write_section
 from sentences import SENTENCES
 
-from hearth.embedded_redis import EmbeddedRedis
+from hearth.embedded_redis import EmbeddedRedis, free_port
 from hearth.processes import child_options, stop
 from models.device import choose_placement
 from models.embedding import EmbeddingModel
@@ -86,13 +85,6 @@ class CpuSample:
         return max(0.0, foreign) / ((later.at - self.at) * (os.cpu_count() or 1))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Stack:
     """A private Redis, one worker and one API, started and stopped together.
 
@@ -102,7 +94,7 @@ class Stack:
         self.state_dir = state_dir
         self.extra_env = dict(env or {})
         self.server = EmbeddedRedis(state_dir / "redis")
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: redis.Redis | None = None

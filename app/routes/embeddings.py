@@ -9,15 +9,13 @@ from fastapi import APIRouter, Request
 
 from app.errors import InvalidRequest
 from app.responses import JSONResponse
-from app.schemas import EmbeddingRequest, EmbeddingResponse, ErrorBody
+from app.schemas import WORK_ERRORS, EmbeddingRequest, EmbeddingResponse
 from app.state import AppState, StateDep
 from app.submit import respond
 from models.registry import ModelKind
 from workers.protocol import Job, JobType
 
 router = APIRouter(tags=["embeddings"])
-
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 500, 503, 504)}
 
 
 def prepare(
@@ -63,7 +61,7 @@ def prepare(
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingResponse,
-    responses=ERRORS,  # type: ignore[arg-type]
+    responses=WORK_ERRORS,
     summary="Embed text",
 )
 async def create_embeddings(

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 
 from app.errors import InvalidRequest
 from app.responses import JSONResponse
-from app.schemas import ErrorBody, ImageGenerationRequest, ImageResponse
+from app.schemas import WORK_ERRORS, ImageGenerationRequest, ImageResponse
 from app.state import AppState, StateDep
 from app.submit import respond
 from models.image_config import ImageLimits
@@ -18,8 +18,6 @@ from models.registry import ModelKind
 from workers.protocol import Job, JobType
 
 router = APIRouter(tags=["images"])
-
-ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 500, 503, 504)}
 
 
 def _size(body: ImageGenerationRequest, limits: ImageLimits) -> tuple[int, int]:
@@ -105,7 +103,7 @@ def prepare(
 @router.post(
     "/v1/images/generations",
     response_model=ImageResponse,
-    responses=ERRORS,  # type: ignore[arg-type]
+    responses=WORK_ERRORS,
     summary="Generate images",
 )
 async def create_images(
