@@ -43,9 +43,12 @@ test: install
 lint: install
 	$(BIN)/ruff check app workers models hearth tests benchmarks
 
+# infinity-emb, the peer in the embeddings benchmark, gets its own virtual
+# environment (.venv-infinity) on first use: it cannot share Hearth's.
 bench: install
 	$(BIN)/python benchmarks/embeddings.py
 	$(BIN)/python benchmarks/images.py
+	$(BIN)/python benchmarks/queues.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

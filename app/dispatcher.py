@@ -31,6 +31,7 @@ from workers.protocol import (
     JobStatus,
     Keys,
     job_view,
+    queue_script,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ class Dispatcher:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._finish = redis.register_script(FINISH_SCRIPT)
-        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="reply-listener")
@@ -99,10 +99,11 @@ class Dispatcher:
         key = self.keys.job(job.id)
         pipe.hset(key, mapping=job.hash_fields())
         pipe.expire(key, ttl)
-        await self._enqueue(
-            keys=[self.keys.stream(job.model)],
-            args=[self.max_queue_depth, job.to_json()],
-            client=pipe,
+        queue_script(
+            pipe,
+            ENQUEUE_SCRIPT,
+            [self.keys.stream(job.model)],
+            [self.max_queue_depth, job.to_json()],
         )
         *_, entry = await pipe.execute()
         if entry is None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -25,17 +26,32 @@ from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
 
+SUBSCRIBER_CONNECTIONS = 65_536  # one per event-stream follower
+
 
 def build_state(settings: Settings) -> AppState:
     if not settings.redis_url:
         raise ValueError("REDIS_URL is not set: the API needs a Redis to queue jobs in")
     # Fail fast when Redis is down: a client gets 503 in seconds, not a hang.
-    redis = Redis.from_url(
+    options: dict[str, Any] = {
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": settings.redis_timeout_s,
+        "health_check_interval": 30,
+    }
+    # Requests share a bounded set of connections, each held for a round trip or
+    # two; past the bound a request waits its turn rather than failing.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        health_check_interval=30,
+        **options,
+    )
+    redis = Redis.from_pool(pool)
+    # Event-stream followers each hold a subscription for as long as they watch:
+    # they get connections of their own, so they never starve the requests.
+    subscriber = Redis.from_url(
+        settings.redis_url, max_connections=SUBSCRIBER_CONNECTIONS, **options
     )
     keys = Keys(settings.namespace)
     registry = Registry.scan(settings.model_store)
@@ -43,6 +59,7 @@ def build_state(settings: Settings) -> AppState:
     return AppState(
         settings=settings,
         redis=redis,
+        subscriber=subscriber,
         served=served,
         dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
@@ -63,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.dispatcher.stop()
             await state.redis.aclose()
+            await state.subscriber.aclose()
 
     # The docs pages load their scripts from this server, never from a CDN (app/docs.py).
     app = FastAPIOffline(

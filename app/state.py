@@ -20,7 +20,8 @@ from models.registry import ModelKind, ModelSpec, UnknownModelError
 @dataclass
 class AppState:
     settings: Settings
-    redis: Redis
+    redis: Redis  # requests' round trips, from a bounded pool
+    subscriber: Redis  # event-stream subscriptions, one connection each
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
     fleet: Fleet
@@ -44,7 +45,8 @@ class AppState:
         return spec
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI would run a plain function in a thread pool, for every request.
     state: AppState = request.app.state.hearth
     return state
 

@@ -1,18 +1,26 @@
-"""Embeddings benchmark: Hearth end to end against the raw model, on this machine.
+"""Embeddings benchmark: Hearth, the raw model and infinity-emb, side by side.
 
-1. Starts a private Redis-protocol server, `hearth worker` and `hearth api`.
-2. Per concurrency level, runs benchmarks/loadgen.py (its own process) against
-   `POST /v1/embeddings`, and reads which batch sizes the worker used.
-3. Stops the stack, then times the same model in this process: batch-1 latency
-   and throughput at the batch sizes the worker used.
-4. Prints the tables and writes the Embeddings section of the results file.
+1. Starts the raw model in a process of its own (rawmodel.py: the worker's code,
+   threads and OpenMP environment), Hearth as `hearth serve` runs it (a private
+   Redis-protocol server, one worker with its threads bound to the cores, one
+   API), and infinity-emb (peers.py; its own virtual environment, installed on
+   first use) on the same model folder.
+2. Per request shape (one sentence, or a list of 16) and concurrency level:
+   drives Hearth with loadgen.py (its own process) and reads the batch sizes
+   the worker formed; times the raw model at that batch size and at the sizes
+   that give its best throughput; drives infinity-emb with the same load.
+   Each level's numbers are compared with the raw timings taken next to them,
+   so that the machine's drift does not pass for a difference.
+3. Prints the tables and writes the Embeddings section of the results file.
 
 Run: .venv/bin/python benchmarks/embeddings.py [--duration 10] [--concurrency 1,8,32,64]
+     [--inputs 1,16] [--no-infinity]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -24,20 +32,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
-import numpy as np
 import psutil
 import redis
-import torch
-from report import Level, RawResult, render, write_section
-from sentences import SENTENCES
+from peers import Infinity, packaged_model_dir
+from rawmodel import RawModel
+from report import BEST_RAW_BATCHES, Level, Raw, Row, render, write_section
 
 from hearth.embedded_redis import EmbeddedRedis, free_port
 from hearth.processes import child_options, stop
-from models.device import choose_placement
-from models.embedding import EmbeddingModel
-from models.registry import Registry
+from hearth.threads import openmp_environment
 from workers.protocol import Keys
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +51,6 @@ MODEL_ID = "all-minilm-l6-v2"
 NAMESPACE = "bench"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-RAW_BATCH_SIZES = (1, 8, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -154,59 +159,38 @@ class Stack:
         self.server.stop()
 
 
-def run_level(stack: Stack, concurrency: int, warmup_s: float, duration_s: float) -> Level:
-    """Drive Hearth at one concurrency with loadgen.py and collect its batch sizes."""
-    stack.clear_batch_sizes()
+def run_level(
+    url: str, path: str, concurrency: int, inputs: int, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Drive one server at one concurrency with loadgen.py; its JSON summary."""
     command = [
         sys.executable,
         str(HERE / "loadgen.py"),
-        *("--url", stack.url, "--model", MODEL_ID, "--concurrency", str(concurrency)),
+        *("--url", url, "--path", path, "--model", MODEL_ID),
+        *("--concurrency", str(concurrency), "--inputs", str(inputs)),
         *("--warmup", str(warmup_s), "--duration", str(duration_s)),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed ({done.returncode}):\n{done.stderr}")
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
+
+
+def as_level(summary: dict[str, Any], batch_sizes: dict[int, int] | None = None) -> Level:
     return Level(
-        concurrency=concurrency,
+        concurrency=summary["concurrency"],
+        inputs=summary["inputs"],
         requests=summary["requests"],
         errors=summary["errors"],
         rps=summary["rps"],
+        inputs_per_s=summary["inputs_per_s"],
         p50_ms=summary["p50_ms"],
         p90_ms=summary["p90_ms"],
         p99_ms=summary["p99_ms"],
         error_sample=summary["error_sample"],
-        batch_sizes=stack.batch_sizes(),
+        batch_sizes=batch_sizes or {},
     )
-
-
-def _batch(size: int, offset: int) -> list[str]:
-    return [SENTENCES[(offset + i) % len(SENTENCES)] for i in range(size)]
-
-
-def raw_latency_ms(model: EmbeddingModel, warmup_s: float, seconds: float) -> float:
-    """p50 of ``model.embed([sentence])`` in ms, after ``warmup_s`` of the same calls."""
-    latencies: list[float] = []
-    warm_until = time.perf_counter() + warmup_s
-    end = warm_until + seconds
-    call = 0
-    while (now := time.perf_counter()) < end:
-        model.embed(_batch(1, call))
-        call += 1
-        if now >= warm_until:
-            latencies.append(time.perf_counter() - now)
-    return float(np.percentile(latencies, 50)) * 1000
-
-
-def raw_throughput(model: EmbeddingModel, batch_size: int, seconds: float) -> RawResult:
-    """Texts per second of back-to-back ``model.embed`` calls of ``batch_size`` texts."""
-    model.embed(_batch(batch_size, 0))  # warm this shape
-    calls = 0
-    started = time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        model.embed(_batch(batch_size, calls * batch_size))
-        calls += 1
-    return RawResult(batch_size, calls * batch_size / elapsed, elapsed / calls * 1000)
 
 
 def command_line() -> str:
@@ -218,40 +202,75 @@ def command_line() -> str:
 
 
 def main() -> None:
-    """Run every level through Hearth, then the raw model, then report."""
+    """Per level: Hearth, then the raw model, then infinity-emb; then report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma-separated levels")
+    parser.add_argument("--inputs", default="1,16", help="comma-separated texts per request")
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="seconds per raw timing")
+    parser.add_argument("--no-infinity", action="store_true", help="leave infinity-emb out")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
     concurrencies = [int(part) for part in args.concurrency.split(",") if part.strip()]
+    input_counts = [int(part) for part in args.inputs.split(",") if part.strip()]
     command = command_line()
+    # Hearth as `hearth serve` runs it: one worker, its threads bound to the cores.
+    hearth_env = {"HEARTH_MODELS": MODEL_ID, "HEARTH_PIN_THREADS": "1"}
+    raw_env = {**hearth_env, **openmp_environment(pin=True)}
 
-    with tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp:
+    with (
+        contextlib.ExitStack() as running,
+        tempfile.TemporaryDirectory(prefix="hearth-bench-") as tmp,
+    ):
+        raw_model = running.enter_context(RawModel(raw_env))
+        stack = Stack(Path(tmp), env=hearth_env)
+        running.callback(stack.close)
+        stack.start()
+        infinity = None
+        if not args.no_infinity:
+            infinity = running.enter_context(Infinity(Path(tmp), model_dir=packaged_model_dir()))
+        raw = Raw()
+        rows: list[Row] = []
         started = CpuSample.now()
-        stack = Stack(Path(tmp))
-        try:
-            stack.start()
-            levels: list[Level] = []
+        raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+        for inputs in input_counts:
             for concurrency in concurrencies:
-                levels.append(run_level(stack, concurrency, args.warmup, args.duration))
-                print(f"concurrency {concurrency}: {levels[-1].rps:.1f} req/s", flush=True)
-        finally:
-            stack.close()
-        hearth_done = CpuSample.now()
-        spec = Registry.scan(Path(tmp) / "models").get(MODEL_ID)
-        model = EmbeddingModel(spec.path, choose_placement("cpu"), max_batch_tokens=16384)
-        raw_p50_ms = raw_latency_ms(model, args.warmup, args.duration / 2)
-        used = {size for level in levels if (size := level.rounded_batch) is not None}
-        sizes = sorted(used | set(RAW_BATCH_SIZES))
-        raw = {size: raw_throughput(model, size, max(1.0, args.duration / 4)) for size in sizes}
-        foreign = {
-            "Hearth levels": started.foreign_share(hearth_done),
-            "raw model": hearth_done.foreign_share(CpuSample.now()),
-        }
+                stack.clear_batch_sizes()
+                summary = run_level(
+                    stack.url, "/v1/embeddings", concurrency, inputs, args.warmup, args.duration
+                )
+                level = as_level(summary, stack.batch_sizes())
+                # The raw model right after, at the batch the worker formed and at
+                # the sizes that give its best throughput.
+                for size in {level.rounded_batch or 1, *BEST_RAW_BATCHES}:
+                    raw.add(raw_model.throughput(size, args.raw_seconds))
+                peer = None
+                if infinity is not None:
+                    peer = as_level(
+                        run_level(
+                            infinity.url,
+                            infinity.path,
+                            concurrency,
+                            inputs,
+                            args.warmup,
+                            args.duration,
+                        )
+                    )
+                rows.append(Row(level, peer, raw.best_near()))
+                print(rows[-1].summary(raw), flush=True)
+        if 1 in concurrencies and 1 in input_counts:
+            # Once more, next to the last levels: the two raw latencies bracket the run.
+            raw.p50_ms = min(raw.p50_ms, raw_model.latency_ms(args.warmup / 2, args.duration / 2))
+        foreign = started.foreign_share(CpuSample.now())
+        peer_versions = (
+            f"infinity-emb {infinity.version} (torch {infinity.torch_version})"
+            if infinity is not None
+            else "infinity-emb not run"
+        )
+        threads = int(raw_model.info["torch_threads"])
 
-    section = render(command, MODEL_ID, torch.get_num_threads(), foreign, levels, raw, raw_p50_ms)
+    section = render(command, MODEL_ID, threads, foreign, rows, raw, peer_versions)
     print(section)
     write_section(args.output, section)
     print(f"wrote {args.output}")

@@ -1,17 +1,23 @@
-"""Closed-loop load generator for `POST /v1/embeddings`, run in its own process.
+"""Closed-loop load generator for an OpenAI-style embeddings endpoint, run in its own process.
 
 ``concurrency`` asyncio tasks share one aiohttp session (several times
 cheaper per request than httpx, which matters when the client shares the
-machine's cores with the service it measures); each sends one short
-sentence per request, back to back, for ``warmup`` then ``duration`` seconds.
+machine's cores with the service it measures); each sends requests back to
+back for ``warmup`` then ``duration`` seconds to ``POST {url}{path}``
+(Hearth's ``/v1/embeddings`` by default; infinity-emb serves ``/embeddings``).
+A request's ``input`` is one sentence when ``inputs`` is 1, else a list of
+``inputs`` sentences, taken in turn from benchmarks/sentences.py. Every
+distinct request body is JSON-encoded once, before the load starts, and the
+ready bytes are cycled through, so the client spends little CPU per request.
 Only requests that complete inside the measured window (after the warmup,
 before its end) count. Prints one JSON line:
 
-    {"concurrency", "requests", "errors", "rps", "p50_ms", "p90_ms", "p99_ms", "error_sample"}
+    {"concurrency", "inputs", "requests", "errors", "rps", "inputs_per_s",
+     "p50_ms", "p90_ms", "p99_ms", "error_sample"}
 
 ``requests`` counts every request completed in the window, ``errors`` those
-that got a non-200 status or raised; ``rps`` and the latency percentiles are
-over the successful ones.
+that got a non-200 status or raised; ``rps``, ``inputs_per_s`` (``rps`` times
+``inputs``) and the latency percentiles are over the successful ones.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,21 +46,37 @@ class Record:
     error: str | None
 
 
+def request_bodies(model: str, inputs: int) -> list[bytes]:
+    """Every distinct request body, encoded, in the order they are sent.
+
+    Request ``k`` carries sentences ``k * inputs`` to ``k * inputs + inputs - 1``
+    (modulo the number of sentences): a plain string when ``inputs`` is 1, else a
+    list. The sequence repeats after ``len(SENTENCES) / gcd(inputs, len(SENTENCES))``
+    requests, so that many bodies cover it."""
+    if inputs < 1:
+        raise ValueError(f"inputs must be at least 1, not {inputs}")
+    count = len(SENTENCES) // math.gcd(inputs, len(SENTENCES))
+    bodies: list[bytes] = []
+    for k in range(count):
+        texts = [SENTENCES[(k * inputs + i) % len(SENTENCES)] for i in range(inputs)]
+        payload = {"model": model, "input": texts[0] if inputs == 1 else texts}
+        bodies.append(json.dumps(payload).encode())
+    return bodies
+
+
 async def _client_loop(
     client: aiohttp.ClientSession,
     url: str,
-    model: str,
-    counter: itertools.count[int],
+    bodies: Iterator[bytes],
     stop_at: float,
     records: list[Record],
 ) -> None:
     """Send requests back to back until ``stop_at``, appending one record each."""
     while time.perf_counter() < stop_at:
-        text = SENTENCES[next(counter) % len(SENTENCES)]
+        body = next(bodies)
         started = time.perf_counter()
         error: str | None = None
         try:
-            body = json.dumps({"model": model, "input": text})
             async with client.post(url, data=body, headers=JSON) as response:
                 payload = await response.read()
                 if response.status != 200:
@@ -64,18 +88,25 @@ async def _client_loop(
 
 
 def summarize(
-    records: list[Record], concurrency: int, window_start: float, window_end: float
+    records: list[Record],
+    concurrency: int,
+    window_start: float,
+    window_end: float,
+    inputs: int = 1,
 ) -> dict[str, Any]:
     """Counts, throughput and latency percentiles of the records completed in the window."""
     counted = [r for r in records if window_start <= r.done_at <= window_end]
     ok = np.array([r.latency_s for r in counted if r.error is None], dtype=np.float64) * 1000
     errors = [r.error for r in counted if r.error is not None]
     p50, p90, p99 = np.percentile(ok, [50, 90, 99]) if ok.size else (float("nan"),) * 3
+    window = window_end - window_start
     return {
         "concurrency": concurrency,
+        "inputs": inputs,
         "requests": len(counted),
         "errors": len(errors),
-        "rps": ok.size / (window_end - window_start),
+        "rps": ok.size / window,
+        "inputs_per_s": ok.size * inputs / window,
         "p50_ms": float(p50),
         "p90_ms": float(p90),
         "p99_ms": float(p99),
@@ -84,40 +115,62 @@ def summarize(
 
 
 async def generate(
-    url: str, model: str, concurrency: int, warmup_s: float, duration_s: float, timeout_s: float
+    url: str,
+    model: str,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    timeout_s: float,
+    path: str = "/v1/embeddings",
+    inputs: int = 1,
 ) -> dict[str, Any]:
-    """Run the closed loop against ``url`` and return its summary."""
+    """Run the closed loop against ``url`` + ``path`` and return its summary."""
     records: list[Record] = []
-    counter = itertools.count()
+    bodies = itertools.cycle(request_bodies(model, inputs))  # shared by every task
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    endpoint = f"{url}/v1/embeddings"
+    endpoint = f"{url.rstrip('/')}{path}"
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         start = time.perf_counter()
         window_start = start + warmup_s
         window_end = window_start + duration_s
         tasks = [
-            asyncio.create_task(_client_loop(client, endpoint, model, counter, window_end, records))
+            asyncio.create_task(_client_loop(client, endpoint, bodies, window_end, records))
             for _ in range(concurrency)
         ]
         await asyncio.gather(*tasks)
-    return summarize(records, concurrency, window_start, window_end)
+    return summarize(records, concurrency, window_start, window_end, inputs)
 
 
 def main() -> None:
     """Parse the options, run the load, print the JSON summary line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--url", required=True, help="Hearth's base URL, e.g. http://127.0.0.1:8000"
+        "--url", required=True, help="the service's base URL, e.g. http://127.0.0.1:8000"
     )
+    parser.add_argument("--path", default="/v1/embeddings", help="endpoint path appended to --url")
     parser.add_argument("--model", default="all-minilm-l6-v2")
+    parser.add_argument(
+        "--inputs", type=int, default=1, help="sentences per request (1: a string, else a list)"
+    )
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s")
     args = parser.parse_args()
+    if args.inputs < 1:
+        parser.error("--inputs must be at least 1")
     summary = asyncio.run(
-        generate(args.url, args.model, args.concurrency, args.warmup, args.duration, args.timeout)
+        generate(
+            args.url,
+            args.model,
+            args.concurrency,
+            args.warmup,
+            args.duration,
+            args.timeout,
+            path=args.path,
+            inputs=args.inputs,
+        )
     )
     print(json.dumps(summary), flush=True)
 

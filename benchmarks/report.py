@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+from rawmodel import RawResult
 
 import hearth
 
@@ -25,27 +27,31 @@ def marks(name: str) -> tuple[str, str]:
 
 START_MARK, END_MARK = marks("embeddings")
 THROUGHPUT_TARGET = 0.8  # Hearth at concurrency 32 / the raw model's best batched throughput
-ADDED_P50_TARGET_MS = 5.0  # Hearth p50 at concurrency 1 minus the raw batch-1 p50
+PEER_TARGET = 1.5  # Hearth at concurrency 32 / infinity-emb, requests per second
+ADDED_P50_TARGET_MS = 3.0  # Hearth p50 at concurrency 1 minus the raw batch-1 p50
 FOREIGN_CPU_LIMIT = 0.05  # more of the machine used by other processes makes a run unreliable
+BEST_RAW_BATCHES = (32, 64)  # where this model's raw throughput peaks on a small CPU
 
 
 @dataclass(frozen=True)
 class Level:
-    """One concurrency level measured through Hearth."""
+    """One server measured at one concurrency and request shape."""
 
     concurrency: int
+    inputs: int  # texts per request
     requests: int
     errors: int
     rps: float
+    inputs_per_s: float
     p50_ms: float
     p90_ms: float
     p99_ms: float
     error_sample: str | None
-    batch_sizes: dict[int, int]  # texts per forward pass → how many passes
+    batch_sizes: dict[int, int]  # Hearth: texts per forward pass → how many passes
 
     @property
     def mean_batch(self) -> float | None:
-        """Mean texts per forward pass, or None when the worker ran none."""
+        """Mean texts per forward pass, or None when unknown."""
         passes = sum(self.batch_sizes.values())
         texts = sum(size * count for size, count in self.batch_sizes.items())
         return texts / passes if passes else None
@@ -57,13 +63,78 @@ class Level:
         return None if mean is None else max(1, round(mean))
 
 
-@dataclass(frozen=True)
-class RawResult:
-    """The model called in-process with one fixed batch size."""
+@dataclass
+class Raw:
+    """Every raw-model timing of the run, in order, and its batch-1 latency."""
 
-    batch_size: int
-    texts_per_s: float
-    ms_per_call: float
+    timings: list[RawResult] = field(default_factory=list)
+    p50_ms: float = float("nan")
+
+    def add(self, result: RawResult) -> None:
+        self.timings.append(result)
+
+    def at(self, batch_size: int, among: list[RawResult] | None = None) -> RawResult | None:
+        """The fastest timing of ``batch_size`` (among ``among``, else all)."""
+        matching = [r for r in (among or self.timings) if r.batch_size == batch_size]
+        return max(matching, key=lambda r: r.texts_per_s, default=None)
+
+    def best_near(self, last: int = len(BEST_RAW_BATCHES) + 1) -> list[RawResult]:
+        """The timings just taken (the last ``last``), for the level measured before them."""
+        return self.timings[-last:]
+
+    def table(self) -> list[RawResult]:
+        """The fastest timing per batch size, by size."""
+        sizes = sorted({r.batch_size for r in self.timings})
+        return [r for size in sizes if (r := self.at(size)) is not None]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One level: Hearth, the raw timings taken right after it, and the peer."""
+
+    hearth: Level
+    peer: Level | None
+    near: list[RawResult]  # the raw model, timed next to this level
+
+    @property
+    def raw_at_batch(self) -> RawResult | None:
+        batch = self.hearth.rounded_batch
+        return (
+            None
+            if batch is None
+            else max(
+                (r for r in self.near if r.batch_size == batch),
+                key=lambda r: r.texts_per_s,
+                default=None,
+            )
+        )
+
+    @property
+    def raw_best(self) -> RawResult:
+        return max(self.near, key=lambda r: r.texts_per_s)
+
+    @property
+    def vs_raw_at_batch(self) -> float | None:
+        at = self.raw_at_batch
+        return self.hearth.inputs_per_s / at.texts_per_s if at else None
+
+    @property
+    def vs_raw_best(self) -> float:
+        return self.hearth.inputs_per_s / self.raw_best.texts_per_s
+
+    @property
+    def vs_peer(self) -> float | None:
+        if self.peer is None or not self.peer.rps:
+            return None
+        return self.hearth.rps / self.peer.rps
+
+    def summary(self, raw: Raw) -> str:
+        peer = f", infinity {self.peer.rps:.1f} req/s" if self.peer else ""
+        return (
+            f"{self.hearth.inputs} input(s) x concurrency {self.hearth.concurrency}: Hearth "
+            f"{self.hearth.rps:.1f} req/s ({self.hearth.inputs_per_s:.0f} inputs/s, p50 "
+            f"{self.hearth.p50_ms:.1f} ms){peer}; raw best {self.raw_best.texts_per_s:.0f} texts/s"
+        )
 
 
 def machine(torch_threads: int) -> str:
@@ -83,54 +154,73 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _level_row(level: Level, raw: dict[int, RawResult]) -> str:
-    batch = level.rounded_batch
-    at_batch = raw.get(batch) if batch is not None else None
-    ratio = level.rps / at_batch.texts_per_s if at_batch else None
+def _row(row: Row) -> str:
+    hearth, peer = row.hearth, row.peer
+    at = row.raw_at_batch
     cells = [
-        str(level.concurrency),
-        f"{level.rps:.1f}",
-        _fmt(level.p50_ms),
-        _fmt(level.p90_ms),
-        _fmt(level.p99_ms),
-        f"{level.errors}/{level.requests}",
-        _fmt(level.mean_batch),
-        _fmt(ratio, 2),
+        str(hearth.concurrency),
+        f"{hearth.rps:.1f}",
+        f"{hearth.inputs_per_s:.0f}",
+        _fmt(hearth.p50_ms),
+        _fmt(hearth.p90_ms),
+        _fmt(hearth.p99_ms),
+        f"{hearth.errors}/{hearth.requests}",
+        _fmt(hearth.mean_batch),
+        f"{at.texts_per_s:.0f}" if at else "n/a",
+        _fmt(row.vs_raw_at_batch, 2),
+        f"{row.raw_best.texts_per_s:.0f} (b{row.raw_best.batch_size})",
+        _fmt(row.vs_raw_best, 2),
     ]
+    if peer is not None:
+        cells += [
+            f"{peer.rps:.1f}",
+            _fmt(peer.p50_ms),
+            _fmt(peer.p99_ms),
+            f"{peer.errors}/{peer.requests}",
+            _fmt(row.vs_peer, 2),
+        ]
+    else:
+        cells += ["n/a"] * 5
     return f"| {' | '.join(cells)} |"
 
 
-def _targets(
-    levels: list[Level], raw: dict[int, RawResult], raw_p50_ms: float, foreign: dict[str, float]
-) -> list[str]:
-    disturbed = max(foreign.values(), default=0.0)
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**NOT met**"
+
+
+def _targets(rows: list[Row], raw: Raw, foreign: float) -> list[str]:
     caveat = (
-        f" (unreliable: other processes used up to {disturbed:.0%} of the CPU during the run)"
-        if disturbed > FOREIGN_CPU_LIMIT
+        f" (unreliable: other processes used {foreign:.0%} of the CPU during the run)"
+        if foreign > FOREIGN_CPU_LIMIT
         else ""
     )
-    by_concurrency = {level.concurrency: level for level in levels}
-    best = max(raw.values(), key=lambda r: r.texts_per_s)
+    singles = {row.hearth.concurrency: row for row in rows if row.hearth.inputs == 1}
     lines: list[str] = []
-    if 32 in by_concurrency:
-        ratio = by_concurrency[32].rps / best.texts_per_s
-        verdict = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
+    if 32 in singles:
+        row = singles[32]
+        best = row.raw_best
         lines.append(
-            f"- Throughput at concurrency 32 ({by_concurrency[32].rps:.1f} req/s) vs the raw "
-            f"model's best batched throughput ({best.texts_per_s:.1f} texts/s at batch "
-            f"{best.batch_size}): ratio {ratio:.2f} (target ≥ {THROUGHPUT_TARGET}): "
-            f"**{verdict}**{caveat}."
+            f"- One sentence per request, concurrency 32: Hearth {row.hearth.rps:.1f} req/s vs "
+            f"the raw model's best batched throughput timed next to it ({best.texts_per_s:.1f} "
+            f"texts/s at batch {best.batch_size}): {row.vs_raw_best:.2f}x (target ≥ "
+            f"{THROUGHPUT_TARGET}): {_verdict(row.vs_raw_best >= THROUGHPUT_TARGET)}{caveat}."
         )
+        if row.peer is not None and row.vs_peer is not None:
+            lines.append(
+                f"- Same level vs infinity-emb ({row.peer.rps:.1f} req/s): {row.vs_peer:.2f}x "
+                f"(target ≥ {PEER_TARGET}): {_verdict(row.vs_peer >= PEER_TARGET)}{caveat}."
+            )
+        else:
+            lines.append("- Target vs infinity-emb: not measured (run without it).")
     else:
-        lines.append("- Throughput target: not measured (concurrency 32 was not run).")
-    if 1 in by_concurrency:
-        hearth_p50 = by_concurrency[1].p50_ms
-        added = hearth_p50 - raw_p50_ms
-        verdict = "met" if added <= ADDED_P50_TARGET_MS else "NOT met"
+        lines.append("- Throughput targets: not measured (concurrency 32 was not run).")
+    if 1 in singles:
+        p50 = singles[1].hearth.p50_ms
+        added = p50 - raw.p50_ms
         lines.append(
-            f"- Added p50 at concurrency 1: Hearth p50 - raw batch-1 p50 = {hearth_p50:.2f} - "
-            f"{raw_p50_ms:.2f} = {added:.2f} ms (target ≤ {ADDED_P50_TARGET_MS:g} ms): "
-            f"**{verdict}**{caveat}."
+            f"- One sentence, concurrency 1: Hearth p50 - raw batch-1 p50 = {p50:.2f} - "
+            f"{raw.p50_ms:.2f} = {added:.2f} ms (target ≤ {ADDED_P50_TARGET_MS:g} ms): "
+            f"{_verdict(added <= ADDED_P50_TARGET_MS)}{caveat}."
         )
     else:
         lines.append("- Latency target: not measured (concurrency 1 was not run).")
@@ -141,18 +231,19 @@ def render(
     command: str,
     model_id: str,
     torch_threads: int,
-    foreign: dict[str, float],
-    levels: list[Level],
-    raw: dict[int, RawResult],
-    raw_p50_ms: float,
+    foreign: float,
+    rows: list[Row],
+    raw: Raw,
+    peer_versions: str,
 ) -> str:
     """The Embeddings section as Markdown, markers included.
 
-    ``foreign`` is, per phase, the share of all cores that other processes used.
+    ``foreign`` is the share of all cores other processes used during the run.
     """
     versions = (
         f"Python {platform.python_version()}, torch {metadata.version('torch')}, "
-        f"transformers {metadata.version('transformers')}, hearth {hearth.__version__}"
+        f"transformers {metadata.version('transformers')}, hearth {hearth.__version__}; "
+        f"{peer_versions}"
     )
     lines = [
         START_MARK,
@@ -162,35 +253,53 @@ def render(
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine(torch_threads)}",
         f"- Versions: {versions}",
-        f"- Model: {model_id}; one sentence of 11-14 words per request, 64 distinct ones cycled",
-        "- CPU used by other processes (share of all cores): "
-        + ", ".join(f"{phase} {share:.0%}" for phase, share in foreign.items())
-        + f"; above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",
+        f"- Model: {model_id} (the packaged folder, served by every contender); requests of one"
+        " sentence (11-14 words) or a list of 16, from 64 distinct sentences cycled",
+        "- Contenders: Hearth as `hearth serve` runs it (API + Redis + one worker, threads bound"
+        " to the cores); the raw model in a process of its own with the worker's code and"
+        " settings; infinity-emb in its own virtual environment (torch engine, float32, batch"
+        " size 32)",
+        f"- CPU used by other processes during the run (share of all cores): {foreign:.0%};"
+        f" above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",
         "",
-        "### Through Hearth",
+        "Closed loop from one load-generator process (aiohttp) on the same machine, the same"
+        " requests for every contender. Errors are failed/completed requests; mean batch is"
+        " texts per forward pass in Hearth's worker. The raw model is timed right after each"
+        " Hearth level, at the worker's mean batch and at its best batch sizes: Hearth / raw"
+        " divides Hearth's inputs/s by those timings; Hearth / inf divides requests/s.",
+    ]
+    for inputs in sorted({row.hearth.inputs for row in rows}):
+        shape = "one sentence" if inputs == 1 else f"{inputs} sentences"
+        lines += [
+            "",
+            f"### {shape.capitalize()} per request",
+            "",
+            "| conc. | Hearth req/s | inputs/s | p50 ms | p90 ms | p99 ms | errors | mean batch"
+            " | raw at batch | Hearth / raw | raw best | Hearth / raw best | infinity req/s"
+            " | p50 ms | p99 ms | errors | Hearth / inf |",
+            "|" + "---:|" * 17,
+            *(_row(row) for row in rows if row.hearth.inputs == inputs),
+        ]
+    lines += [
         "",
-        "Closed loop from one load-generator process on the same machine; errors are"
-        " failed/completed requests; mean batch is texts per forward pass in the worker;"
-        " Hearth / raw is req/s over the raw model's texts/s at that mean batch size.",
-        "",
-        "| concurrency | req/s | p50 ms | p90 ms | p99 ms | errors | mean batch | Hearth / raw |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(_level_row(level, raw) for level in levels),
-        "",
-        "### Raw model, in-process",
+        "### Raw model, in its own process (fastest timing per batch size)",
         "",
         "| batch size | texts/s | ms per call |",
         "|---:|---:|---:|",
-        *(f"| {r.batch_size} | {r.texts_per_s:.1f} | {r.ms_per_call:.2f} |" for r in raw.values()),
+        *(f"| {r.batch_size} | {r.texts_per_s:.1f} | {r.ms_per_call:.2f} |" for r in raw.table()),
         "",
-        f"Raw batch-1 latency p50: {raw_p50_ms:.2f} ms.",
+        f"Raw batch-1 latency p50: {raw.p50_ms:.2f} ms.",
         "",
         "### Targets",
         "",
-        *_targets(levels, raw, raw_p50_ms, foreign),
+        *_targets(rows, raw, foreign),
     ]
     samples = [
-        f"- concurrency {lv.concurrency}: `{lv.error_sample}`" for lv in levels if lv.error_sample
+        f"- {contender} at {level.inputs} input(s), concurrency {level.concurrency}:"
+        f" `{level.error_sample}`"
+        for row in rows
+        for contender, level in (("Hearth", row.hearth), ("infinity-emb", row.peer))
+        if level is not None and level.error_sample
     ]
     if samples:
         lines += ["", "First error seen per level:", "", *samples]

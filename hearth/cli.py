@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
 import signal
 import sys
 from typing import Annotated, Any
 
 import typer
+import uvloop
 from pydantic import ValidationError
 
 from hearth.logs import configure
 from hearth.settings import Settings
+from hearth.threads import openmp_environment
 
 app = typer.Typer(
     help="Hearth: text embeddings and generated images over HTTP, jobs queued in Redis.",
@@ -88,10 +90,11 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker: load models warm, then take their jobs from Redis (needs REDIS_URL)."""
+    settings = load_settings(models=models, device=device)
+    os.environ.update(openmp_environment(settings.pin_threads))  # before torch loads
     from models.registry import Registry, UnknownModelError
     from workers.worker import Worker
 
-    settings = load_settings(models=models, device=device)
     configure(settings.log_level, settings.log_format)
     registry = Registry.scan(settings.model_store)
     try:
@@ -101,7 +104,7 @@ def worker(
             f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True
         )
         raise typer.Exit(2) from None
-    asyncio.run(Worker(settings, specs, settings.device).run())
+    uvloop.run(Worker(settings, specs, settings.device).run())
 
 
 @models_app.command("demo")

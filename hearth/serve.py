@@ -41,7 +41,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
     settings.model_store.mkdir(parents=True, exist_ok=True)
     if not settings.models:
         ensure_image_models(settings)
-    env = dict(os.environ)
+    # The worker has this machine to itself (next to the API and Redis it shares
+    # it with): its inference threads stay on their cores.
+    env = {"HEARTH_PIN_THREADS": "1", **os.environ}
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.state_dir / "redis")

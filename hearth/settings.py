@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="CPU threads for inference; 0 lets torch decide."
     )
+    pin_threads: bool = Field(
+        default=False,
+        description="Bind a worker's inference threads to cores: for a worker with the machine "
+        "to itself (`hearth serve` turns it on); off where workers share cores.",
+    )
     max_batch_jobs: int = Field(
         default=64, ge=1, le=4096, description="Most jobs a worker takes from a stream at once."
     )
@@ -121,6 +126,11 @@ class Settings(BaseSettings):
     )
     redis_timeout_s: float = Field(
         default=3.0, gt=0, description="Connect and command timeout towards Redis."
+    )
+    redis_max_connections: int = Field(
+        default=128,
+        ge=2,
+        description="Most Redis connections one API process opens; more requests wait their turn.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

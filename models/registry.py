@@ -10,6 +10,10 @@ A store folder is an embedding model when it holds a sentence-transformers or
 transformers encoder, an image model when it holds a diffusers text-to-image
 pipeline (``model_index.json`` naming a VAE and a U-Net or transformer).
 
+One more model exists only when named: ``noop`` (HEARTH_MODELS=noop) answers
+every job at once without doing any work, so that a benchmark can measure the
+queue itself. It is never served by default.
+
 Only configuration files are read here, never weights, so the API can use the
 registry without importing torch.
 """
@@ -29,12 +33,14 @@ from models.st_config import UnsupportedModelError, is_encoder_folder, read_embe
 logger = logging.getLogger(__name__)
 
 PACKAGED_EMBEDDING_ID = "all-minilm-l6-v2"
+NOOP_ID = "noop"
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ModelKind(StrEnum):
     EMBEDDING = "embedding"
     IMAGE = "image"
+    NOOP = "noop"  # does no work; for measuring the queue
 
 
 class UnknownModelError(KeyError):
@@ -54,6 +60,9 @@ class ModelSpec:
     dimension: int | None = None  # embedding models: length of one embedding
     max_tokens: int | None = None  # embedding models: longer inputs are truncated
     image: ImageLimits | None = None  # image models: what requests may ask for
+
+
+NOOP_SPEC = ModelSpec(id=NOOP_ID, kind=ModelKind.NOOP, path=Path("/dev/null"), created=0)
 
 
 def packaged_embedding_path() -> Path:
@@ -109,6 +118,9 @@ class Registry:
         return cls(specs, skipped)
 
     def get(self, model_id: str) -> ModelSpec:
+        """The model ``model_id``; ``noop`` too, unless a store folder has that name."""
+        if model_id == NOOP_ID and model_id not in self._specs:
+            return NOOP_SPEC
         try:
             return self._specs[model_id]
         except KeyError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +97,27 @@ def test_concurrent_requests_are_batched_and_answered_each_their_own(
     sizes = {int(size): int(count) for size, count in redis_client.hgetall(stats_key).items()}
     assert sum(size * count for size, count in sizes.items()) == len(texts)
     assert max(sizes) > 1, f"no request was batched with another: {sizes}"
+
+
+def test_a_burst_of_more_requests_than_redis_connections_all_succeed(stack: Stack) -> None:
+    # More requests at once than one API process opens Redis connections (128):
+    # the rest wait for a connection instead of failing.
+    burst = 300
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=burst)
+        async with httpx.AsyncClient(base_url=stack.url, timeout=120.0, limits=limits) as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/v1/embeddings", json={"model": MODEL, "input": f"burst {i}"})
+                    for i in range(burst)
+                )
+            )
+
+    with ThreadPoolExecutor(max_workers=1) as thread:  # a browser test's loop may run here
+        responses = thread.submit(asyncio.run, send_all()).result()
+    statuses = Counter(response.status_code for response in responses)
+    assert statuses == {200: burst}, [r.text for r in responses if r.status_code != 200][:3]
 
 
 def test_a_job_is_stored_with_a_ttl_and_leaves_nothing_pending(

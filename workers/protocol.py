@@ -35,6 +35,7 @@ class JobType(StrEnum):
     EMBEDDINGS = "embeddings"
     IMAGES_GENERATIONS = "images.generations"
     IMAGES_EDITS = "images.edits"
+    NOOP = "noop"  # for the no-op model, which measures the queue
 
 
 CONSUMER_GROUP = "workers"
@@ -229,6 +230,17 @@ def reply_message(
             "finished_at": finished_at,
         }
     )
+
+
+def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+    """Queue a Lua script on a pipeline as EVAL with its source.
+
+    Redis keeps compiled scripts by their digest, so sending the source again
+    costs little; a script registered with redis-py would instead make every
+    pipeline that holds it ask Redis first whether it is loaded (one more round
+    trip), and could meet NOSCRIPT after a Redis restart.
+    """
+    pipe.eval(source, len(keys), *keys, *args)
 
 
 # Scripts keep status changes atomic per job, so that a redelivered or late

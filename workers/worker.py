@@ -53,6 +53,7 @@ from workers.protocol import (
     JobStatus,
     Keys,
     Outcome,
+    queue_script,
     reply_message,
 )
 from workers.webhooks import WebhookSender
@@ -75,6 +76,10 @@ class Runner(Protocol):
 def load_runner(
     spec: ModelSpec, placement: Placement, settings: Settings, cache: ComponentCache
 ) -> Runner:
+    if spec.kind is ModelKind.NOOP:
+        from workers.noop import NoopRunner
+
+        return NoopRunner()
     if spec.kind is ModelKind.EMBEDDING:
         from models.embedding import EmbeddingModel
         from workers.embeddings import EmbeddingRunner
@@ -140,10 +145,6 @@ class Worker:
             socket_timeout=settings.redis_timeout_s + READ_BLOCK_MS / 1000,
             health_check_interval=30,
         )
-        self._start = self.redis.register_script(START_SCRIPT)
-        self._finish = self.redis.register_script(FINISH_SCRIPT)
-        self._retry_script = self.redis.register_script(RETRY_SCRIPT)
-        self._progress = self.redis.register_script(PROGRESS_SCRIPT)
         self._progress_writes: set[asyncio.Task[Any]] = set()
         self._last_progress: asyncio.Task[Any] | None = None
         self.webhooks = WebhookSender(settings, self.redis, self.keys)
@@ -359,17 +360,36 @@ class Worker:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
 
         started = time.time()
-        runnable, outcomes, attempts = await self._start_jobs(jobs)
+        # An embedding batch is short and reports no progress, so it is computed
+        # while its jobs are being marked running; the results of any that must
+        # not run (cancelled meanwhile, expired) are dropped. Image batches are
+        # long and followed step by step: they start only once marked running.
+        early: asyncio.Future[tuple[list[Outcome], list[int]]] | None = None
+        if jobs and self.specs[model_id].kind is ModelKind.EMBEDDING:
+            early = asyncio.ensure_future(self._compute(model_id, jobs))
+        try:
+            runnable, outcomes, attempts = await self._start_jobs(jobs)
+        except BaseException:
+            if early is not None:  # the batch stays pending; the thread must be free
+                await asyncio.gather(early, return_exceptions=True)
+            raise
         for job in runnable:
             self.metrics.queued_seconds.labels(model_id).observe(max(0.0, started - job.created_at))
         sizes: list[int] = []
         if runnable:
             keep_claimed = asyncio.create_task(self._keep_claimed(stream, entry_ids))
             try:
-                results, sizes = await self._compute(model_id, runnable)
+                if early is None:
+                    results, sizes = await self._compute(model_id, runnable)
+                else:
+                    every, sizes = await early
+                    by_id = dict(zip((job.id for job in jobs), every, strict=True))
+                    results = [by_id[job.id] for job in runnable]
             finally:
                 keep_claimed.cancel()
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
+        elif early is not None:
+            await asyncio.gather(early, return_exceptions=True)
             # Progress reports queued during the run land before the outcome does.
             await asyncio.gather(*self._progress_writes, return_exceptions=True)
 
@@ -380,11 +400,11 @@ class Worker:
             if outcome is None:
                 continue
             if outcome.retryable and attempts[job.id] < self.settings.max_attempts:
-                await self._retry(pipe, job, outcome)
+                self._retry(pipe, job, outcome)
                 continue
             if outcome.retryable:
                 outcome = self._give_up(pipe, job, outcome, attempts[job.id])
-            await self._store(pipe, job, outcome, started, now)
+            self._store(pipe, job, outcome, started, now)
             self.metrics.jobs.labels(model_id, outcome.status.value).inc()
             self.metrics.run_seconds.labels(model_id).observe(now - started)
         pipe.xack(stream, CONSUMER_GROUP, *entry_ids)
@@ -408,13 +428,12 @@ class Worker:
                 ids: list[int | bytes | str | memoryview[int]] = list(entry_ids)
                 await self.redis.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
 
-    async def _retry(self, pipe: Any, job: Job, outcome: Outcome) -> None:
+    def _retry(self, pipe: Any, job: Job, outcome: Outcome) -> None:
         """Queue another attempt: back to queued, as a new entry at the stream's end."""
         assert outcome.error is not None
         logger.warning("job %s: attempt failed, queued again: %s", job.id, outcome.error.message)
-        await self._retry_script(
-            keys=[self.keys.job(job.id)], args=[orjson.dumps(outcome.error.to_dict())], client=pipe
-        )
+        error = orjson.dumps(outcome.error.to_dict())
+        queue_script(pipe, RETRY_SCRIPT, [self.keys.job(job.id)], [error])
         pipe.xadd(self.keys.stream(job.model), {"job": job.to_json()})
 
     def _give_up(self, pipe: Any, job: Job, outcome: Outcome, attempts: int) -> Outcome:
@@ -444,8 +463,8 @@ class Worker:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
-            await self._start(
-                keys=[self.keys.job(job.id)], args=[now, self.keys.events(job.id)], client=pipe
+            queue_script(
+                pipe, START_SCRIPT, [self.keys.job(job.id)], [now, self.keys.events(job.id)]
             )
         replies = await pipe.execute()
         runnable: list[Job] = []
@@ -473,15 +492,15 @@ class Worker:
                 runnable.append(job)
         return runnable, ended, attempts
 
-    async def _store(
-        self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float
-    ) -> None:
+    def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> None:
         for file_id, content in outcome.files.items():
             pipe.set(self.keys.file(file_id), content, ex=self.settings.result_ttl_s)
         error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
-        await self._finish(
-            keys=[self.keys.job(job.id)],
-            args=[
+        queue_script(
+            pipe,
+            FINISH_SCRIPT,
+            [self.keys.job(job.id)],
+            [
                 outcome.status.value,
                 now,
                 self.settings.result_ttl_s,
@@ -491,7 +510,6 @@ class Worker:
                 reply_message(job.id, outcome, started, now) if job.reply_to else b"",
                 self.keys.events(job.id),
             ],
-            client=pipe,
         )
 
     def report_progress(self, job_ids: list[str], step: int, total: int) -> None:
@@ -509,7 +527,7 @@ class Worker:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in job_ids:
                 args: list[bytes | str] = [progress, self.keys.events(job_id), event]
-                await self._progress(keys=[self.keys.job(job_id)], args=args, client=pipe)
+                queue_script(pipe, PROGRESS_SCRIPT, [self.keys.job(job_id)], args)
             await pipe.execute()
 
         task = asyncio.create_task(write())

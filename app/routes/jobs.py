@@ -114,7 +114,7 @@ async def job_events(job_id: str, request: Request, state: StateDep) -> EventSou
 
 
 async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterator[ServerSentEvent]:
-    pubsub = state.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub = state.subscriber.pubsub(ignore_subscribe_messages=True)
     try:
         # Subscribe before reading the state, so nothing falls between the two.
         await pubsub.subscribe(state.dispatcher.keys.events(job_id))

@@ -1,0 +1,158 @@
+"""A `hearth worker` process on its own, fed through the API's dispatcher (no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from app.dispatcher import Dispatcher
+from hearth.threads import openmp_environment
+from models.registry import NOOP_ID, PACKAGED_EMBEDDING_ID, ModelKind, Registry
+from tests.support import Process, hearth_env
+from workers.protocol import Job, JobType, Keys
+
+pytestmark = pytest.mark.integration
+
+
+def start_worker(redis_url: str, namespace: str, folder: Path, models: str, **env: str) -> Process:
+    worker = Process(
+        ["worker", "--models", models],
+        hearth_env(
+            REDIS_URL=redis_url,
+            HEARTH_NAMESPACE=namespace,
+            HEARTH_STATE_DIR=str(folder),
+            **env,
+        ),
+        folder / "worker.log",
+    )
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 120
+    try:
+        while not client.hlen(Keys(namespace).workers()):
+            worker.check_alive()
+            assert time.monotonic() < deadline, "the worker never sent a heartbeat"
+            time.sleep(0.1)
+    finally:
+        client.close()
+    return worker
+
+
+def run_jobs(
+    redis_url: str, namespace: str, jobs: list[tuple[JobType, str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Submit each job as the API does and wait for its reply."""
+
+    async def go() -> list[dict[str, Any]]:
+        client = Redis.from_url(redis_url)
+        dispatcher = Dispatcher(client, Keys(namespace), result_ttl_s=60, max_queue_depth=100)
+        await dispatcher.start()
+        try:
+            return await asyncio.gather(
+                *(
+                    dispatcher.run(
+                        Job(
+                            type=kind,
+                            model=model,
+                            input=body,
+                            deadline=time.time() + 60,
+                            reply_to=dispatcher.channel,
+                        )
+                    )
+                    for kind, model, body in jobs
+                )
+            )
+        finally:
+            await dispatcher.stop()
+            await client.aclose()
+
+    # In a thread of its own: the browser tests keep an event loop running in this one.
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, go()).result()
+
+
+def test_noop_is_served_only_when_named(tmp_path: Path) -> None:
+    registry = Registry.scan(tmp_path)
+    assert NOOP_ID not in {spec.id for spec in registry.select([])}
+    assert registry.select([NOOP_ID])[0].kind is ModelKind.NOOP
+
+
+def test_the_noop_model_answers_every_job_at_once(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    worker = start_worker(redis_url, namespace, tmp_path, NOOP_ID)
+    try:
+        replies = run_jobs(redis_url, namespace, [(JobType.NOOP, NOOP_ID, {})] * 50)
+    finally:
+        assert worker.stop() == 0
+    assert [reply["status"] for reply in replies] == ["succeeded"] * 50
+    assert all(reply["result"] == {"object": "noop"} for reply in replies)
+    assert len({reply["id"] for reply in replies}) == 50
+    assert all(reply["started_at"] <= reply["finished_at"] for reply in replies)
+
+
+def _thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of process ``pid`` may run on."""
+    cpus: list[set[int]] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+        ranges = allowed.split(":", 1)[1].strip()
+        members: set[int] = set()
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            members.update(range(int(low), int(high or low) + 1))
+        cpus.append(members)
+    return cpus
+
+
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2 or not Path("/proc/self/task").is_dir(),
+    reason="needs Linux and at least two CPUs to tell bound threads from free ones",
+)
+@pytest.mark.parametrize("pinned", [True, False])
+def test_pin_threads_binds_the_inference_threads_to_cores(
+    redis_url: str, namespace: str, tmp_path: Path, pinned: bool
+) -> None:
+    worker = start_worker(
+        redis_url,
+        namespace,
+        tmp_path,
+        PACKAGED_EMBEDDING_ID,
+        HEARTH_PIN_THREADS="1" if pinned else "0",
+        HEARTH_TORCH_THREADS="2",
+    )
+    try:
+        body = {"input": ["threads at work"], "encoding_format": "float", "dimensions": None}
+        (reply,) = run_jobs(
+            redis_url, namespace, [(JobType.EMBEDDINGS, PACKAGED_EMBEDDING_ID, body)]
+        )
+        assert reply["status"] == "succeeded"
+        everywhere = os.sched_getaffinity(0)
+        bound = [cpus for cpus in _thread_cpus(worker.pid) if cpus != everywhere]
+    finally:
+        assert worker.stop() == 0
+    if pinned:
+        assert bound and all(len(cpus) == 1 for cpus in bound), bound
+    else:
+        assert bound == []
+
+
+def test_the_openmp_environment_leaves_explicit_variables_alone() -> None:
+    assert openmp_environment(pin=False, environ={}) == {"GOMP_SPINCOUNT": "10000"}
+    assert openmp_environment(pin=True, environ={}) == {
+        "GOMP_SPINCOUNT": "10000",
+        "OMP_PROC_BIND": "true",
+    }
+    given = {"GOMP_SPINCOUNT": "0", "OMP_PROC_BIND": "false"}
+    assert openmp_environment(pin=True, environ=given) == {}
