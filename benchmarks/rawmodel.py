@@ -106,7 +106,9 @@ def _serve() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = Registry.scan(settings.model_store).get(PACKAGED_EMBEDDING_ID)
-    model = EmbeddingModel(spec.path, choose_placement("cpu"), settings.max_batch_tokens)
+    # One forward pass per call, of exactly the batch asked for: the worker's
+    # mean batch is counted in passes too.
+    model = EmbeddingModel(spec.path, choose_placement("cpu"), max_batch_tokens=1 << 30)
 
     def batch(size: int, offset: int) -> list[str]:
         return [SENTENCES[(offset + i) % len(SENTENCES)] for i in range(size)]

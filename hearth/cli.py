@@ -90,13 +90,11 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker: load models warm, then take their jobs from Redis (needs REDIS_URL)."""
-    settings = load_settings(models=models, device=device)
-    os.environ.update(openmp_environment(settings.pin_threads))  # before torch loads
-    from models.registry import Registry, UnknownModelError
-    from workers.worker import Worker
+    from models.registry import ModelKind, Registry, UnknownModelError
 
+    settings = load_settings(models=models, device=device)
     configure(settings.log_level, settings.log_format)
-    registry = Registry.scan(settings.model_store)
+    registry = Registry.scan(settings.model_store)  # reads configs only: torch is not loaded yet
     try:
         specs = registry.select(settings.models)
     except UnknownModelError as exc:
@@ -104,6 +102,10 @@ def worker(
             f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True
         )
         raise typer.Exit(2) from None
+    only_images = all(spec.kind is ModelKind.IMAGE for spec in specs)
+    os.environ.update(openmp_environment(settings.pin_threads, short_spin=not only_images))
+    from workers.worker import Worker
+
     uvloop.run(Worker(settings, specs, settings.device).run())
 
 

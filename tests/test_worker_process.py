@@ -150,6 +150,7 @@ def test_pin_threads_binds_the_inference_threads_to_cores(
 
 def test_the_openmp_environment_leaves_explicit_variables_alone() -> None:
     assert openmp_environment(pin=False, environ={}) == {"GOMP_SPINCOUNT": "10000"}
+    assert openmp_environment(pin=False, short_spin=False, environ={}) == {}
     assert openmp_environment(pin=True, environ={}) == {
         "GOMP_SPINCOUNT": "10000",
         "OMP_PROC_BIND": "true",
