@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ import redis
 from models.device import choose_placement
 from models.embedding import EmbeddingModel
 from tests.conftest import MODEL, Stack
-from workers.protocol import CONSUMER_GROUP, Keys
+from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,57 @@ def test_a_burst_of_more_requests_than_redis_connections_all_succeed(stack: Stac
         responses = thread.submit(asyncio.run, send_all()).result()
     statuses = Counter(response.status_code for response in responses)
     assert statuses == {200: burst}, [r.text for r in responses if r.status_code != 200][:3]
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (MODEL, {"input": ["never embedded"], "encoding_format": "float", "dimensions": None}),
+        (
+            "demo-dit",
+            {
+                "prompt": "never drawn",
+                "negative_prompt": "",
+                "n": 1,
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+                "guidance": 4.5,
+                "seed": 1,
+                "scheduler": None,
+                "response_format": "b64_json",
+            },
+        ),
+    ],
+)
+def test_a_job_cancelled_before_its_pickup_never_counts_as_run(
+    stack: Stack, redis_client: redis.Redis, model: str, body: dict[str, object]
+) -> None:
+    # A synchronous request's batch is computed while its jobs are being marked
+    # running; a job found cancelled by then must stay cancelled, its result dropped.
+    keys = Keys(stack.namespace)
+    kind = JobType.EMBEDDINGS if model == MODEL else JobType.IMAGES_GENERATIONS
+    job = Job(
+        type=kind,
+        model=model,
+        input=body,
+        deadline=time.time() + 60,
+        reply_to=keys.replies("a-listener-that-gave-up"),
+    )
+    redis_client.hset(keys.job(job.id), mapping={**job.hash_fields(), "status": "cancelled"})
+    redis_client.xadd(keys.stream(model), {"job": job.to_json()})
+    deadline = time.monotonic() + 30
+    while (
+        redis_client.xlen(keys.stream(model))
+        or redis_client.xpending(keys.stream(model), CONSUMER_GROUP)["pending"]
+    ):
+        assert time.monotonic() < deadline, "the worker never took the entry"
+        time.sleep(0.05)
+    record = redis_client.hgetall(keys.job(job.id))
+    assert record[b"status"] == b"cancelled"
+    assert b"result" not in record
+    assert b"started_at" not in record
+    assert record[b"attempts"] == b"0"
 
 
 def test_a_job_is_stored_with_a_ttl_and_leaves_nothing_pending(

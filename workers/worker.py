@@ -360,12 +360,14 @@ class Worker:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
 
         started = time.time()
-        # An embedding batch is short and reports no progress, so it is computed
-        # while its jobs are being marked running; the results of any that must
-        # not run (cancelled meanwhile, expired) are dropped. Image batches are
-        # long and followed step by step: they start only once marked running.
+        # A batch nobody follows step by step is computed while its jobs are
+        # being marked running, saving a round trip; the results of any that must
+        # not run (cancelled meanwhile, expired) are dropped. Embeddings report no
+        # steps; image jobs of synchronous requests have nobody watching their
+        # events. Queued image jobs start only once marked running, so that a
+        # job cancelled while queued never runs and its events come in order.
         early: asyncio.Future[tuple[list[Outcome], list[int]]] | None = None
-        if jobs and self.specs[model_id].kind is ModelKind.EMBEDDING:
+        if jobs and self._unfollowed(model_id, jobs):
             early = asyncio.ensure_future(self._compute(model_id, jobs))
         try:
             runnable, outcomes, attempts = await self._start_jobs(jobs)
@@ -419,6 +421,12 @@ class Worker:
             retried = outcome is not None and outcome.retryable
             if job.webhook and outcome is not None and not retried:
                 self.webhooks.send(job.id, job.webhook)
+
+    def _unfollowed(self, model_id: str, jobs: list[Job]) -> bool:
+        """Whether no client follows these jobs' steps (see ``_Hooks``)."""
+        if self.specs[model_id].kind is ModelKind.EMBEDDING:
+            return True
+        return all(job.reply_to is not None and not job.webhook for job in jobs)
 
     async def _keep_claimed(self, stream: str, entry_ids: list[bytes]) -> None:
         """While a long batch runs, keep its entries fresh so no other worker takes them."""
