@@ -16,7 +16,7 @@ import hearth
 from app import errors
 from app.auth import TOKEN_BUCKET_SCRIPT, authorize
 from app.dispatcher import Dispatcher
-from app.docs import DocsPolicy
+from app.docs import DocsPolicy, document_errors
 from app.fleet import Fleet
 from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
@@ -100,4 +100,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)  # probes and metrics need no key
     app.include_router(playground.router)  # a public page; its API calls need the key
     app.include_router(metrics.router)
+
+    build_document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(build_document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

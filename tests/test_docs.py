@@ -44,6 +44,25 @@ def test_the_openapi_document_lists_every_route(client: httpx.Client) -> None:
         assert path in paths, path
 
 
+def test_the_openapi_document_lists_the_errors_hearth_answers(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            codes = set(operation["responses"])
+            where = f"{method.upper()} {path}"
+            assert "422" not in codes, where  # bad input is a 400 with Hearth's envelope
+            if path.startswith("/v1/"):
+                assert {"401", "429", "503"} <= codes, where
+            if "requestBody" in operation:
+                assert {"400", "409", "413"} <= codes, where
+            for code in codes - {"200", "202"}:
+                content = operation["responses"][code].get("content", {})
+                if path.startswith("/v1/"):
+                    schema = content["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (where, code)
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
 @pytest.mark.parametrize(
     ("page", "marker"), [("/docs", ".opblock"), ("/redoc", "[data-section-id]")]
 )
