@@ -390,10 +390,10 @@ class Worker:
             finally:
                 keep_claimed.cancel()
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
-        elif early is not None:
-            await asyncio.gather(early, return_exceptions=True)
             # Progress reports queued during the run land before the outcome does.
             await asyncio.gather(*self._progress_writes, return_exceptions=True)
+        elif early is not None:
+            await asyncio.gather(early, return_exceptions=True)
 
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
