@@ -18,7 +18,7 @@ from workers.protocol import (
     JobType,
     Keys,
     Outcome,
-    reply_message,
+    reply_head,
 )
 
 
@@ -55,18 +55,42 @@ def test_keys_share_a_hash_tag_per_model_and_job() -> None:
     assert keys.batch_sizes("m1").startswith("ns:stats:{m1}")
 
 
-def test_reply_embeds_the_result_as_json() -> None:
-    outcome = Outcome(JobStatus.SUCCEEDED, result=b'{"object":"list"}')
-    assert orjson.loads(reply_message("job_1", outcome, 1.0, 2.0)) == {
-        "id": "job_1",
+def test_the_reply_is_the_head_then_the_stored_result(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    finish = redis_client.register_script(FINISH_SCRIPT)
+    channel = f"{namespace}:replies:test"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)
+    succeeded = Outcome(JobStatus.SUCCEEDED, result=b'{"object":"list"}')
+    failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
+    replies = []
+    for outcome, started in ((succeeded, 1.0), (failed, None)):
+        job = make_job()
+        key = _seed(redis_client, keys, job)
+        head = reply_head(job.id, outcome, started, 2.0)
+        error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
+        result = outcome.result or b""
+        args = [outcome.status.value, 2.0, 60, result, error, channel, head, keys.events(job.id)]
+        assert finish(keys=[key], args=args) == 1
+        message = pubsub.get_message(timeout=2)
+        assert message is not None
+        replies.append((job.id, orjson.loads(message["data"])))
+    pubsub.close()
+    (first_id, first), (second_id, second) = replies
+    assert first == {
+        "id": first_id,
         "status": "succeeded",
         "result": {"object": "list"},
         "error": None,
         "started_at": 1.0,
         "finished_at": 2.0,
     }
-    failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
-    assert orjson.loads(reply_message("job_2", failed, None, 2.0))["error"]["message"] == "boom"
+    assert second["id"] == second_id
+    assert second["result"] is None
+    assert second["error"]["message"] == "boom"
 
 
 def _seed(client: redis.Redis, keys: Keys, job: Job) -> str:
@@ -107,14 +131,15 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
 
     assert (
         finish(
-            keys=[key], args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b"reply-1", events]
+            keys=[key],
+            args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b'{"n":1,"result":', events],
         )
         == 1
     )
     assert (
         finish(
             keys=[key],
-            args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b"reply-2", events],
+            args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b'{"n":2,"result":', events],
         )
         == 0
     )
@@ -125,7 +150,7 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     assert b"error" not in record
     assert 0 < redis_client.ttl(key) <= 60
     message = pubsub.get_message(timeout=2)
-    assert message is not None and message["data"] == b"reply-1"
+    assert message is not None and message["data"] == b'{"n":1,"result":{"a":1}}'
     assert pubsub.get_message(timeout=0.3) is None  # the refused finish published nothing
     pubsub.close()
 

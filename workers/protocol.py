@@ -216,20 +216,23 @@ class Outcome:
     retryable: bool = False  # a failure another attempt may not repeat (not the input's fault)
 
 
-def reply_message(
+def reply_head(
     job_id: str, outcome: Outcome, started_at: float | None, finished_at: float
 ) -> bytes:
-    """What a worker publishes on the API's reply channel once a job is stored."""
-    return orjson.dumps(
+    """The start of what a worker publishes on the API's reply channel once a job
+    is stored: a JSON object up to its ``"result":`` key. FINISH_SCRIPT appends
+    the result it stores (or ``null``) and the closing brace, so the result
+    travels to Redis once, not twice."""
+    head = orjson.dumps(
         {
             "id": job_id,
             "status": outcome.status.value,
-            "result": orjson.Fragment(outcome.result) if outcome.result is not None else None,
             "error": outcome.error.to_dict() if outcome.error else None,
             "started_at": started_at,
             "finished_at": finished_at,
         }
     )
+    return head[:-1] + b',"result":'
 
 
 def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
@@ -284,9 +287,10 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[1])
 return 1
 """
 
-# KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply,
-# events channel. Returns 1 when this call set the terminal status (and
-# published the reply and the final event), 0 when the job had already ended.
+# KEYS[1] job hash; ARGV: status, now, ttl, result, error, reply channel, reply
+# head (see reply_head), events channel. Returns 1 when this call set the
+# terminal status (and published the reply and the final event), 0 when the job
+# had already ended.
 FINISH_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
@@ -297,7 +301,11 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+if ARGV[6] ~= '' then
+  local result = ARGV[4]
+  if result == '' then result = 'null' end
+  redis.call('PUBLISH', ARGV[6], ARGV[7] .. result .. '}')
+end
 redis.call('PUBLISH', ARGV[8], '{"event":"' .. ARGV[1] .. '"}')
 return 1
 """

@@ -54,7 +54,7 @@ from workers.protocol import (
     Keys,
     Outcome,
     queue_script,
-    reply_message,
+    reply_head,
 )
 from workers.webhooks import WebhookSender
 
@@ -515,7 +515,7 @@ class Worker:
                 outcome.result or b"",
                 error,
                 job.reply_to or "",
-                reply_message(job.id, outcome, started, now) if job.reply_to else b"",
+                reply_head(job.id, outcome, started, now) if job.reply_to else b"",
                 self.keys.events(job.id),
             ],
         )
