@@ -5,7 +5,8 @@
    Redis-protocol server, one worker with its threads bound to the cores, one
    API), and infinity-emb (peers.py; its own virtual environment, installed on
    first use) on the same model folder.
-2. Per request shape (one sentence, or a list of 16) and concurrency level:
+2. Warms each server up with a few seconds of load; then, per request shape
+   (one sentence, or a list of 16) and concurrency level:
    drives Hearth with loadgen.py (its own process) and reads the batch sizes
    the worker formed; times the raw model at that batch size and at the sizes
    that give its best throughput; drives infinity-emb with the same load.
@@ -25,6 +26,7 @@ import json
 import os
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -120,9 +122,15 @@ class Stack:
         hearth_cmd = [sys.executable, "-m", "hearth"]
         for name, args in (("worker", ["worker"]), ("api", ["api", "--port", str(self.port)])):
             self.children[name] = subprocess.Popen([*hearth_cmd, *args], env=env, **child_options())
-        self._wait_ready()
+        self.wait_ready()
 
-    def _wait_ready(self) -> None:
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The API, the worker and the Redis-protocol server, while running."""
+        server = [self.server.process] if self.server.process is not None else []
+        return [*self.children.values(), *server]
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         with httpx.Client(base_url=self.url, timeout=2.0) as client:
             while time.monotonic() < deadline:
@@ -157,6 +165,34 @@ class Stack:
             self.redis.close()
             self.redis = None
         self.server.stop()
+
+
+class Contenders:
+    """While in effect: ``paused`` processes stopped (SIGSTOP), then continued.
+
+    When Hearth's processes are among them, pass its ``hearth`` Stack: on
+    resuming, timers that ran out while it was stopped (its Redis reads) settle
+    and it is ready again before anything else is measured.
+    """
+
+    SETTLE_S = 1.5
+
+    def __init__(self, paused: list[subprocess.Popen[bytes]], hearth: Stack | None = None) -> None:
+        self.paused = paused
+        self.hearth = hearth
+
+    def __enter__(self) -> None:
+        for process in self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGSTOP)
+
+    def __exit__(self, *_: object) -> None:
+        for process in self.paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)
+        if self.hearth is not None:
+            time.sleep(self.SETTLE_S)
+            self.hearth.wait_ready()
 
 
 def run_level(
@@ -216,7 +252,12 @@ def main() -> None:
     input_counts = [int(part) for part in args.inputs.split(",") if part.strip()]
     command = command_line()
     # Hearth as `hearth serve` runs it: one worker, its threads bound to the cores.
-    hearth_env = {"HEARTH_MODELS": MODEL_ID, "HEARTH_PIN_THREADS": "1"}
+    # A worker stopped while another contender is measured must not count as gone.
+    hearth_env = {
+        "HEARTH_MODELS": MODEL_ID,
+        "HEARTH_PIN_THREADS": "1",
+        "HEARTH_WORKER_TTL_S": "3600",
+    }
     raw_env = {**hearth_env, **openmp_environment(pin=True)}
 
     with (
@@ -232,23 +273,39 @@ def main() -> None:
             infinity = running.enter_context(Infinity(Path(tmp), model_dir=packaged_model_dir()))
         raw = Raw()
         rows: list[Row] = []
+        # Only the contender measured runs: the others are stopped (SIGSTOP), as
+        # even idle servers wake up now and then (an idle infinity-emb alone
+        # added ~2 ms to Hearth's p50 at concurrency 1).
+        others = infinity.processes if infinity is not None else []
+        hearth_only = Contenders(others)
+        everyone_else = Contenders([*stack.processes, *others], stack)
+        infinity_only = Contenders(stack.processes, stack)
+        # Every server warmed alike before the first measured level, at a middle load.
+        with hearth_only:
+            run_level(stack.url, "/v1/embeddings", 8, 1, args.warmup, args.warmup * 2)
+        if infinity is not None:
+            with infinity_only:
+                run_level(infinity.url, infinity.path, 8, 1, args.warmup, args.warmup * 2)
         started = CpuSample.now()
-        raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+        with everyone_else:
+            raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
         for inputs in input_counts:
             for concurrency in concurrencies:
-                stack.clear_batch_sizes()
-                summary = run_level(
-                    stack.url, "/v1/embeddings", concurrency, inputs, args.warmup, args.duration
-                )
-                level = as_level(summary, stack.batch_sizes())
+                with hearth_only:
+                    stack.clear_batch_sizes()
+                    summary = run_level(
+                        stack.url, "/v1/embeddings", concurrency, inputs, args.warmup, args.duration
+                    )
+                    level = as_level(summary, stack.batch_sizes())
                 # The raw model right after, at the batch the worker formed and at
                 # the sizes that give its best throughput.
-                for size in {level.rounded_batch or 1, *BEST_RAW_BATCHES}:
-                    raw.add(raw_model.throughput(size, args.raw_seconds))
+                with everyone_else:
+                    for size in {level.rounded_batch or 1, *BEST_RAW_BATCHES}:
+                        raw.add(raw_model.throughput(size, args.raw_seconds))
                 peer = None
                 if infinity is not None:
-                    peer = as_level(
-                        run_level(
+                    with infinity_only:
+                        summary = run_level(
                             infinity.url,
                             infinity.path,
                             concurrency,
@@ -256,12 +313,14 @@ def main() -> None:
                             args.warmup,
                             args.duration,
                         )
-                    )
+                    peer = as_level(summary)
                 rows.append(Row(level, peer, raw.best_near()))
                 print(rows[-1].summary(raw), flush=True)
         if 1 in concurrencies and 1 in input_counts:
             # Once more, next to the last levels: the two raw latencies bracket the run.
-            raw.p50_ms = min(raw.p50_ms, raw_model.latency_ms(args.warmup / 2, args.duration / 2))
+            with everyone_else:
+                again = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+            raw.p50_ms = min(raw.p50_ms, again)
         foreign = started.foreign_share(CpuSample.now())
         peer_versions = (
             f"infinity-emb {infinity.version} (torch {infinity.torch_version})"

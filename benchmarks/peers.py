@@ -230,6 +230,11 @@ class Infinity:
             f"end of {self.log_path}:\n{_tail(self.log_path)}"
         )
 
+    @property
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The server process, while running."""
+        return [self._process] if self._process is not None else []
+
     def close(self) -> None:
         """Stop the server and close its log; safe to call twice or after a failed start."""
         if self._process is not None:
