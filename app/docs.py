@@ -69,10 +69,8 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault("400", _error("Invalid request: `param` names the field."))
                 responses.setdefault("409", _error("The Idempotency-Key's job has expired."))
                 responses.setdefault("413", _error("Body larger than HEARTH_MAX_BODY_BYTES."))
-    schemas = schema.get("components", {}).get("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        if f"#/components/schemas/{name}" not in json.dumps(schema["paths"]):
+    if "#/components/schemas/HTTPValidationError" not in json.dumps(schema["paths"]):
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):  # the second serves the first
             schemas.pop(name, None)
-    if "HTTPValidationError" not in schemas:
-        schemas.pop("ValidationError", None)
     return schema
