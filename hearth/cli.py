@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
 from typing import Annotated, Any
 
 import typer
-import uvloop
 from pydantic import ValidationError
 
 from hearth.logs import configure
@@ -106,7 +106,9 @@ def worker(
     os.environ.update(openmp_environment(settings.pin_threads, short_spin=not only_images))
     from workers.worker import Worker
 
-    uvloop.run(Worker(settings, specs, settings.device).run())
+    # The standard event loop: under uvloop, a worker told to stop right after
+    # it started now and then never finished its shutdown.
+    asyncio.run(Worker(settings, specs, settings.device).run())
 
 
 @models_app.command("demo")

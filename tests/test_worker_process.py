@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,3 +158,29 @@ def test_the_openmp_environment_leaves_explicit_variables_alone() -> None:
     }
     given = {"GOMP_SPINCOUNT": "0", "OMP_PROC_BIND": "false"}
     assert openmp_environment(pin=True, environ=given) == {}
+
+
+def test_a_worker_stopped_right_after_it_starts_exits_cleanly(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    # SIGTERM as soon as the first heartbeat lands, while the worker's background
+    # tasks are still connecting: every time, it must finish its shutdown.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for attempt in range(5):
+            worker = start_worker(
+                redis_url, f"{namespace}-{attempt}", tmp_path, PACKAGED_EMBEDDING_ID
+            )
+            worker.popen.terminate()
+            try:
+                code = worker.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.stop()
+                raise AssertionError(f"attempt {attempt}: the worker never exited") from None
+            worker.stop()
+            assert code == 0, (attempt, worker.output()[-2000:])
+            assert not client.hlen(Keys(f"{namespace}-{attempt}").workers())
+    finally:
+        for key in client.scan_iter(match=f"{namespace}-*"):
+            client.delete(key)
+        client.close()
