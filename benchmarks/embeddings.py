@@ -300,8 +300,11 @@ def main() -> None:
                 # The raw model right after, at the batch the worker formed and at
                 # the sizes that give its best throughput.
                 with everyone_else:
-                    for size in {level.rounded_batch or 1, *BEST_RAW_BATCHES}:
-                        raw.add(raw_model.throughput(size, args.raw_seconds))
+                    near = [
+                        raw_model.throughput(size, args.raw_seconds)
+                        for size in sorted({level.rounded_batch or 1, *BEST_RAW_BATCHES})
+                    ]
+                raw.timings += near
                 peer = None
                 if infinity is not None:
                     with infinity_only:
@@ -314,7 +317,7 @@ def main() -> None:
                             args.duration,
                         )
                     peer = as_level(summary)
-                rows.append(Row(level, peer, raw.best_near()))
+                rows.append(Row(level, peer, near))
                 print(rows[-1].summary(raw), flush=True)
         if 1 in concurrencies and 1 in input_counts:
             # Once more, next to the last levels: the two raw latencies bracket the run.

@@ -51,6 +51,7 @@ from typing import Any
 
 import orjson
 import torch
+from imagejob import GUIDANCE, image_input
 from PIL import Image
 from sentences import SENTENCES
 
@@ -69,8 +70,6 @@ IMAGE_BATCHES = (1, 2, 4, 8, 16)
 SERVICE_CONCURRENCY = (1, 32, 64)  # embeddings requests in flight through Hearth
 SERVICE_IMAGE_CONCURRENCY = (1, 8)  # image requests in flight through Hearth
 MAX_BATCH_TOKENS = 16384  # the worker's default HEARTH_MAX_BATCH_TOKENS
-PROMPT = "a lighthouse by the sea at dusk, oil on canvas"
-GUIDANCE = 7.5  # the demo models' default guidance: classifier-free guidance runs
 RESULTS_NAME = "gpu-results.md"
 TABLE_HEAD = (
     "| part | model | batch | calls | per call, mean | per call, p50 | rate | peak GPU memory "
@@ -288,18 +287,7 @@ def image_job(model_id: str, size: int, steps: int, n: int, seed: int) -> Job:
     return Job(
         type=JobType.IMAGES_GENERATIONS,
         model=model_id,
-        input={
-            "prompt": PROMPT,
-            "negative_prompt": "",
-            "n": n,
-            "width": size,
-            "height": size,
-            "steps": steps,
-            "guidance": GUIDANCE,
-            "seed": seed,
-            "scheduler": "",
-            "response_format": "b64_json",
-        },
+        input=image_input(size, steps, seed, n),
         deadline=time.time() + 3600,
     )
 

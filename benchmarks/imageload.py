@@ -1,7 +1,7 @@
 """Image requests for the images benchmark: the same image in-process and through Hearth.
 
-``image_input`` is the job input the API queues for ``request_body``, so the
-raw runner and the worker generate the same image for the same seed.
+``request_body`` asks for what ``imagejob.image_input`` describes, so the raw
+runner and the worker generate the same image for the same seed.
 ``sequential`` and ``closed_loop`` drive `POST /v1/images/generations` with
 aiohttp (one session, so connections are kept alive); ``job_phases`` splits
 Hearth's time per request using the job records the API and worker wrote.
@@ -18,9 +18,8 @@ from typing import Any, cast
 
 import aiohttp
 import redis
+from imagejob import GUIDANCE, PROMPT
 
-PROMPT = "a lighthouse by the sea at dusk, oil on canvas"
-GUIDANCE = 7.5
 JSON = {"Content-Type": "application/json"}
 TIMEOUT_S = 120.0
 
@@ -34,22 +33,6 @@ def request_body(model: str, size: int, steps: int, seed: int) -> dict[str, Any]
         "num_inference_steps": steps,
         "guidance_scale": GUIDANCE,
         "seed": seed,
-        "response_format": "b64_json",
-    }
-
-
-def image_input(size: int, steps: int, seed: int) -> dict[str, Any]:
-    """The job input the API queues for ``request_body(model, size, steps, seed)``."""
-    return {
-        "prompt": PROMPT,
-        "negative_prompt": "",
-        "n": 1,
-        "width": size,
-        "height": size,
-        "steps": steps,
-        "guidance": GUIDANCE,
-        "seed": seed,
-        "scheduler": "",
         "response_format": "b64_json",
     }
 

@@ -33,7 +33,8 @@ import orjson
 import psutil
 import torch
 from embeddings import NAMESPACE, READY_TIMEOUT_S, STOP_TIMEOUT_S, CpuSample, Stack, command_line
-from imageload import Sent, closed_loop, image_input, job_phases, sequential
+from imagejob import image_input
+from imageload import Sent, closed_loop, job_phases, sequential
 from images_report import NAME, Batching, Memory, Overhead, Round, Setup, render
 from report import write_section
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 
-from imageload import GUIDANCE, PHASES
+from imagejob import GUIDANCE
+from imageload import PHASES
 from report import FOREIGN_CPU_LIMIT, machine, marks
 
 import hearth

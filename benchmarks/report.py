@@ -63,6 +63,12 @@ class Level:
         return None if mean is None else max(1, round(mean))
 
 
+def fastest(timings: list[RawResult], batch_size: int) -> RawResult | None:
+    """The fastest of ``timings`` at ``batch_size``, if any."""
+    matching = [r for r in timings if r.batch_size == batch_size]
+    return max(matching, key=lambda r: r.texts_per_s, default=None)
+
+
 @dataclass
 class Raw:
     """Every raw-model timing of the run, in order, and its batch-1 latency."""
@@ -70,22 +76,10 @@ class Raw:
     timings: list[RawResult] = field(default_factory=list)
     p50_ms: float = float("nan")
 
-    def add(self, result: RawResult) -> None:
-        self.timings.append(result)
-
-    def at(self, batch_size: int, among: list[RawResult] | None = None) -> RawResult | None:
-        """The fastest timing of ``batch_size`` (among ``among``, else all)."""
-        matching = [r for r in (among or self.timings) if r.batch_size == batch_size]
-        return max(matching, key=lambda r: r.texts_per_s, default=None)
-
-    def best_near(self, last: int = len(BEST_RAW_BATCHES) + 1) -> list[RawResult]:
-        """The timings just taken (the last ``last``), for the level measured before them."""
-        return self.timings[-last:]
-
     def table(self) -> list[RawResult]:
         """The fastest timing per batch size, by size."""
         sizes = sorted({r.batch_size for r in self.timings})
-        return [r for size in sizes if (r := self.at(size)) is not None]
+        return [r for size in sizes if (r := fastest(self.timings, size)) is not None]
 
 
 @dataclass(frozen=True)
@@ -99,15 +93,7 @@ class Row:
     @property
     def raw_at_batch(self) -> RawResult | None:
         batch = self.hearth.rounded_batch
-        return (
-            None
-            if batch is None
-            else max(
-                (r for r in self.near if r.batch_size == batch),
-                key=lambda r: r.texts_per_s,
-                default=None,
-            )
-        )
+        return None if batch is None else fastest(self.near, batch)
 
     @property
     def raw_best(self) -> RawResult:
