@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         default=8, ge=1, le=256, description="Most images a worker generates in one pipeline call."
     )
+    batch_invariant_images: bool = Field(
+        default=True,
+        description="Make each image of a batch byte-identical to its request run alone "
+        "(convolutions then run one image at a time); false trades that for throughput, and an "
+        "image from a batch may differ by one level of 255 on a few pixels.",
+    )
     webhook_secret: SecretStr | None = Field(
         default=None, description="Key of the HMAC-SHA256 signature on webhook deliveries."
     )

@@ -13,6 +13,7 @@ from diffusers import AutoPipelineForText2Image
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
+from models.batch_invariance import make_batch_invariant
 from models.components import NOT_SHARED, ComponentCache, ComponentKey
 from models.device import Placement
 
@@ -37,12 +38,17 @@ def _components(folder: Path) -> dict[str, str]:
     }
 
 
-def load_text_to_image(folder: Path, placement: Placement, cache: ComponentCache) -> Pipeline:
+def load_text_to_image(
+    folder: Path, placement: Placement, cache: ComponentCache, batch_invariant: bool = True
+) -> Pipeline:
     """Load ``folder`` as a text-to-image pipeline on ``placement``.
 
     Components already in ``cache`` (the same files, loaded by another model)
     are handed to diffusers instead of being loaded again; the rest are loaded
-    from safetensors and added to the cache.
+    from safetensors and added to the cache. With ``batch_invariant``, its
+    images do not depend on what they are batched with
+    (``models.batch_invariance``); a worker uses one value for all its models,
+    so shared components agree.
     """
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
@@ -65,6 +71,8 @@ def load_text_to_image(folder: Path, placement: Placement, cache: ComponentCache
     )
     pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
+    if batch_invariant:
+        make_batch_invariant(pipe)
     for name, key in keys.items():
         cache.put(key, getattr(pipe, name))
     return pipe

@@ -89,7 +89,7 @@ def load_runner(
     from models.diffusion import load_text_to_image
     from workers.images import ImageRunner
 
-    pipe = load_text_to_image(spec.path, placement, cache)
+    pipe = load_text_to_image(spec.path, placement, cache, settings.batch_invariant_images)
     return ImageRunner(spec.id, pipe, settings.max_batch_images)
 
 
