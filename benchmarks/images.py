@@ -3,17 +3,18 @@
 1. Builds demo-unet and demo-dit into a temporary model store and starts a
    private Redis, one worker holding both models and the API (the Stack of
    benchmarks/embeddings.py), with the same torch thread count as this process.
-2. Overhead, per model: one image at a time, in this process through
-   ImageRunner (PNG encoding included, as in the worker) and through
-   `POST /v1/images/generations`; the rounds alternate and the best of each
-   side counts. The job records split Hearth's time into phases.
+2. Overhead, per model at two sizes (--size and --large-size): one image at a
+   time, in this process through ImageRunner (PNG encoding included, as in the
+   worker) and through `POST /v1/images/generations`; the rounds alternate and
+   the best of each side counts. The job records split Hearth's time into phases.
 3. Batching, per model: images/s through Hearth at concurrency 8 against 1,
    and the images per pipeline call the worker counted.
 4. Memory: RSS of fresh workers holding demo-unet, demo-dit and both; the
    component cache as seen in this process.
 5. Prints the tables and writes the Images section of the results file.
 
-Run: .venv/bin/python benchmarks/images.py [--requests 24] [--size 64] [--steps 20]
+Run: .venv/bin/python benchmarks/images.py [--requests 24] [--size 64] [--large-size 256]
+     [--steps 20]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ WARMUP = 3  # unmeasured images per model and side before the first round
 ROUND_WARMUP = 1  # and before every later one (Hearth: a new connection)
 CONCURRENCY = 8
 MAX_BATCH_IMAGES = 8  # the worker's default HEARTH_MAX_BATCH_IMAGES
+MIN_LARGE_REQUESTS = 8  # images per overhead round at the large size, at least
 SETTLE_S = 5.0  # how long the worker's batch counters may lag the last reply
 
 
@@ -87,14 +89,14 @@ def measure_overhead(
         raw.append(raw_round(runner, size, steps, seeds))
         calls.append(asyncio.run(sequential(stack.url, model, size, steps, seeds, warmup)))
         print(
-            f"{model} round {index + 1}: raw {raw[-1].mean:.1f} ms, "
+            f"{model} {size}x{size} round {index + 1}: raw {raw[-1].mean:.1f} ms, "
             f"Hearth {Round(tuple(c.ms for c in calls[-1])).mean:.1f} ms",
             flush=True,
         )
     hearth = [Round(tuple(call.ms for call in round_calls)) for round_calls in calls]
     best_calls = calls[min(range(ROUNDS), key=lambda i: hearth[i].mean)]
     assert stack.redis is not None
-    return Overhead(model, raw, hearth, job_phases(stack.redis, NAMESPACE, model, best_calls))
+    return Overhead(model, size, raw, hearth, job_phases(stack.redis, NAMESPACE, model, best_calls))
 
 
 def _counted(stack: Stack, model: str, images: int) -> dict[int, int]:
@@ -192,13 +194,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=24, help="images per measurement")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--size", type=int, default=64, help="image width and height")
+    parser.add_argument(
+        "--size", type=int, default=64, help="image width and height for batching and overhead"
+    )
+    parser.add_argument(
+        "--large-size",
+        type=int,
+        default=256,
+        help="a second image size for overhead, where the pipeline call does more work; 0: none",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's own")
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     command = command_line()
+    # Larger images take longer: fewer of them per round, for about the same time.
+    overhead_requests = {args.size: args.requests}
+    if args.large_size and args.large_size != args.size:
+        scaled = round(args.requests * (args.size / args.large_size) ** 2)
+        overhead_requests[args.large_size] = max(MIN_LARGE_REQUESTS, scaled)
 
     with tempfile.TemporaryDirectory(prefix="hearth-bench-images-") as tmp:
         store = Path(tmp) / "models"
@@ -214,7 +229,8 @@ def main() -> None:
             runners = {m: ImageRunner(m, pipe, MAX_BATCH_IMAGES) for m, pipe in pipes.items()}
             samples.append(CpuSample.now())
             overheads = [
-                measure_overhead(stack, runner, args.size, args.steps, args.requests)
+                measure_overhead(stack, runner, size, args.steps, count)
+                for size, count in overhead_requests.items()
                 for runner in runners.values()
             ]
             samples.append(CpuSample.now())
@@ -241,7 +257,17 @@ def main() -> None:
         phase: before.foreign_share(after)
         for phase, (before, after) in zip(phases, itertools.pairwise(samples), strict=True)
     }
-    setup = Setup(command, threads, args.size, args.steps, args.requests, ROUNDS, WARMUP, foreign)
+    setup = Setup(
+        command,
+        threads,
+        args.size,
+        args.steps,
+        args.requests,
+        overhead_requests,
+        ROUNDS,
+        WARMUP,
+        foreign,
+    )
     section = render(setup, overheads, batching, memory)
     print(section)
     write_section(args.output, section, NAME)
