@@ -319,13 +319,16 @@ class ImageCalls:
         self.calls += 1
 
 
-def bench_images(bench: Bench, registry: Registry, size: int, steps: int) -> None:
+def bench_images(
+    bench: Bench, registry: Registry, size: int, steps: int, batch_invariant: bool
+) -> None:
     """Seconds per pipeline call and images/s of each demo model at each batch size."""
     cache = ComponentCache()
     pipes: dict[str, Any] = {}
     for model_id in DEMO_MODEL_IDS:
         started = time.perf_counter()
-        pipes[model_id] = load_text_to_image(registry.get(model_id).path, bench.placement, cache)
+        folder = registry.get(model_id).path
+        pipes[model_id] = load_text_to_image(folder, bench.placement, cache, batch_invariant)
         bench.sync()
         bench.header.append(
             f"- {model_id}: loaded in {time.perf_counter() - started:.1f} s by "
@@ -333,7 +336,12 @@ def bench_images(bench: Bench, registry: Registry, size: int, steps: int) -> Non
         )
     bench.header.append(
         f"- images: one job of n images per call, guidance {GUIDANCE:g} (two denoiser passes "
-        "per step), the pipeline's own scheduler, CPU generators as in the worker"
+        "per step), the pipeline's own scheduler, CPU generators as in the worker; "
+        + (
+            "batch-invariant layers (HEARTH_BATCH_INVARIANT_IMAGES, the default)"
+            if batch_invariant
+            else "plain batched layers (HEARTH_BATCH_INVARIANT_IMAGES=false)"
+        )
     )
     shape = f"{size}x{size}, {steps} steps"
     first_image: bytes | None = None
@@ -491,6 +499,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     parser.add_argument("--service", action="store_true", help="also measure Hearth end to end")
     parser.add_argument("--skip-images", action="store_true", help="embeddings only")
+    parser.add_argument(
+        "--no-batch-invariant",
+        action="store_true",
+        help="images with plain batched layers, as HEARTH_BATCH_INVARIANT_IMAGES=false",
+    )
     parser.add_argument("--output", type=Path, default=default_output(), help="$OUT/gpu-results.md")
     parser.add_argument("--check", action="store_true", help="check the imports; print versions")
     args = parser.parse_args()
@@ -525,7 +538,7 @@ def main() -> None:
         registry = Registry.scan(store)
         bench_embeddings(bench, registry)
         if not args.skip_images:
-            bench_images(bench, registry, size, args.steps)
+            bench_images(bench, registry, size, args.steps, not args.no_batch_invariant)
         if args.service:
             bench_service(bench, state_dir, size, args.steps, args.quick)
 
