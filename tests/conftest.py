@@ -125,6 +125,16 @@ def client(stack: Stack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding the two demo pipelines; tests only read it."""
+    from models.demo import build_demo_models
+
+    folder = tmp_path_factory.mktemp("demo-store")
+    build_demo_models(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def packaged_model_path() -> Path:
     from models.registry import packaged_embedding_path
 

@@ -19,18 +19,10 @@ from models.batch_invariance import (
     make_batch_invariant,
 )
 from models.components import ComponentCache
-from models.demo import build_demo_models
 from models.device import choose_placement
 from models.diffusion import load_text_to_image
 
 SEEDS = list(range(100, 108))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("store")
-    build_demo_models(folder)
-    return folder
 
 
 def test_a_row_of_a_batch_equals_the_row_alone() -> None:
@@ -50,8 +42,10 @@ def test_a_row_of_a_batch_equals_the_row_alone() -> None:
         assert torch.equal(invariant(pooled[0]), invariant(pooled[0]))  # 1-D input still works
 
 
-def test_every_plain_linear_and_convolution_layer_is_changed_once(store: Path) -> None:
-    pipe: Any = load_text_to_image(store / "demo-unet", choose_placement("cpu"), ComponentCache())
+def test_every_plain_linear_and_convolution_layer_is_changed_once(demo_store: Path) -> None:
+    pipe: Any = load_text_to_image(
+        demo_store / "demo-unet", choose_placement("cpu"), ComponentCache()
+    )
     kinds = {type(module) for module in pipe.unet.modules()}
     assert {BatchInvariantLinear, BatchInvariantConv2d} <= kinds
     assert not {nn.Linear, nn.Conv2d} & kinds
@@ -107,9 +101,11 @@ CALLS = [
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 @pytest.mark.parametrize("call", CALLS, ids=str)
 def test_each_image_of_a_batch_is_byte_identical_to_its_request_alone(
-    store: Path, call: Call
+    demo_store: Path, call: Call
 ) -> None:
-    pipe: Any = load_text_to_image(store / call.model, choose_placement("cpu"), ComponentCache())
+    pipe: Any = load_text_to_image(
+        demo_store / call.model, choose_placement("cpu"), ComponentCache()
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(call.threads or threads)
     try:
@@ -123,9 +119,9 @@ def test_each_image_of_a_batch_is_byte_identical_to_its_request_alone(
     assert all(np.array_equal(a, b) for a, b in zip(three, together[2:5], strict=True))
 
 
-def test_a_worker_may_trade_byte_equality_for_throughput(store: Path) -> None:
+def test_a_worker_may_trade_byte_equality_for_throughput(demo_store: Path) -> None:
     pipe: Any = load_text_to_image(
-        store / "demo-dit", choose_placement("cpu"), ComponentCache(), batch_invariant=False
+        demo_store / "demo-dit", choose_placement("cpu"), ComponentCache(), batch_invariant=False
     )
     kinds = {type(module) for module in pipe.transformer.modules()}
     assert nn.Linear in kinds

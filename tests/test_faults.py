@@ -17,20 +17,12 @@ import pytest
 import redis
 
 from hearth.embedded_redis import EmbeddedRedis
-from models.demo import build_demo_models
 from tests.support import Process, hearth_env, start_api, wait_for
 from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
 
 NAMESPACE = "faults"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    build_demo_models(folder)
-    return folder
 
 
 @dataclass
@@ -57,14 +49,14 @@ class Site:
 
 
 @pytest.fixture
-def site(store: Path, tmp_path: Path) -> Iterator[Site]:
+def site(demo_store: Path, tmp_path: Path) -> Iterator[Site]:
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
     env = hearth_env(
         REDIS_URL=server.url,
         HEARTH_NAMESPACE=NAMESPACE,
         HEARTH_STATE_DIR=str(tmp_path / "state"),
-        HEARTH_MODELS_DIR=str(store),
+        HEARTH_MODELS_DIR=str(demo_store),
         HEARTH_MODELS="demo-dit",
         HEARTH_HEARTBEAT_S="0.5",
         HEARTH_WORKER_TTL_S="3",
