@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import redis
-from peers import Infinity, packaged_model_dir
+from peers import Infinity, packaged_model_dir, wait_until_answers
 from rawmodel import RawModel
 from report import BEST_RAW_BATCHES, Level, Raw, Row, render, write_section
 
@@ -131,18 +130,14 @@ class Stack:
         return [*self.children.values(), *server]
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(base_url=self.url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                for name, child in self.children.items():
-                    if child.poll() is not None:
-                        raise RuntimeError(f"hearth {name} exited with code {child.returncode}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
+        def exited() -> str | None:
+            for name, child in self.children.items():
+                if child.poll() is not None:
+                    return f"hearth {name} exited with code {child.returncode}"
+            return None
+
+        if wait_until_answers(self.url, "/readyz", READY_TIMEOUT_S, exited):
+            return
         raise RuntimeError(f"Hearth was not ready within {READY_TIMEOUT_S:g} s")
 
     def batch_sizes(self, model: str = MODEL_ID) -> dict[int, int]:

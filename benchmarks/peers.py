@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -59,6 +60,29 @@ LOG_TAIL_LINES = 40
 # The child gets this process's environment minus the variables that would
 # point its interpreter at Hearth's packages.
 _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+
+
+def wait_until_answers(
+    url: str, path: str, timeout_s: float, exited: Callable[[], str | None]
+) -> bool:
+    """Poll ``url`` + ``path`` until it answers 200 (True) or ``timeout_s`` passes (False).
+
+    ``exited`` says why the server can no longer answer (a process of it ended),
+    or None; its reason is raised as a RuntimeError at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            reason = exited()
+            if reason is not None:
+                raise RuntimeError(reason)
+            try:
+                if client.get(path).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+    return False
 
 
 def packaged_model_dir() -> Path:
@@ -210,21 +234,19 @@ class Infinity:
             raise
 
     def _wait_ready(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + self.ready_timeout_s
-        with httpx.Client(base_url=self.url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"infinity_emb exited with code {self._process.returncode}; "
-                        f"end of {self.log_path}:\n{_tail(self.log_path)}"
-                    )
-                try:
-                    if client.get("/models").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
+        process = self._process
+        assert process is not None
+
+        def exited() -> str | None:
+            if process.poll() is None:
+                return None
+            return (
+                f"infinity_emb exited with code {process.returncode}; "
+                f"end of {self.log_path}:\n{_tail(self.log_path)}"
+            )
+
+        if wait_until_answers(self.url, "/models", self.ready_timeout_s, exited):
+            return
         raise RuntimeError(
             f"infinity_emb did not answer {self.url}/models within {self.ready_timeout_s:g} s; "
             f"end of {self.log_path}:\n{_tail(self.log_path)}"
