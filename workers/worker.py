@@ -366,14 +366,15 @@ class Worker:
 
         started = time.time()
         # A batch nobody follows step by step is computed while its jobs are
-        # being marked running, saving a round trip; the results of any that must
+        # being marked running, saving a round trip: it goes to the inference
+        # thread before the marking is even sent. The results of any that must
         # not run (cancelled meanwhile, expired) are dropped. Embeddings report no
         # steps; image jobs of synchronous requests have nobody watching their
         # events. Queued image jobs start only once marked running, so that a
         # job cancelled while queued never runs and its events come in order.
         early: asyncio.Future[tuple[list[Outcome], list[int]]] | None = None
         if jobs and self._unfollowed(model_id, jobs):
-            early = asyncio.ensure_future(self._compute(model_id, jobs))
+            early = self._compute(model_id, jobs)
         try:
             runnable, outcomes, attempts = await self._start_jobs(jobs)
         except BaseException:
@@ -463,10 +464,15 @@ class Worker:
         )
         return Outcome(JobStatus.FAILED, error=error)
 
-    async def _compute(self, model_id: str, jobs: list[Job]) -> tuple[list[Outcome], list[int]]:
-        hooks = _Hooks(self, asyncio.get_running_loop(), jobs)
-        outcomes = await self._in_thread(run_guarded, self.runners[model_id], jobs, hooks)
-        return cast(tuple[list[Outcome], list[int]], outcomes)
+    def _compute(
+        self, model_id: str, jobs: list[Job]
+    ) -> asyncio.Future[tuple[list[Outcome], list[int]]]:
+        """Hand ``jobs`` to the inference thread now; the future of their outcomes."""
+        loop = asyncio.get_running_loop()
+        hooks = _Hooks(self, loop, jobs)
+        return loop.run_in_executor(
+            self._executor, run_guarded, self.runners[model_id], jobs, hooks
+        )
 
     async def _start_jobs(
         self, jobs: list[Job]
