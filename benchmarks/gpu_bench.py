@@ -55,6 +55,7 @@ from imagejob import GUIDANCE, image_input
 from PIL import Image
 from sentences import SENTENCES
 
+from hearth.memory import keep_freed_memory
 from models.components import ComponentCache
 from models.demo import DEMO_MODEL_IDS, build_demo_models
 from models.device import Placement, choose_placement
@@ -511,6 +512,7 @@ def main() -> None:
         check(args.service)
         return
 
+    keep_freed_memory()  # as a worker does by default
     placement = choose_placement(args.device)
     seconds = args.seconds if args.seconds is not None else (0.5 if args.quick else 2.0)
     size = args.size or (512 if placement.device.type == "cuda" else 64)

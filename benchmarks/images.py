@@ -39,6 +39,7 @@ from imageload import Sent, closed_loop, job_phases, sequential
 from images_report import NAME, Batching, Memory, Overhead, Round, Setup, render
 from report import write_section
 
+from hearth.memory import keep_freed_memory
 from hearth.processes import child_options, stop
 from models.components import ComponentCache
 from models.demo import DEMO_MODEL_IDS, build_demo_models
@@ -208,6 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    keep_freed_memory()  # the raw calls below run as the worker runs them (its default)
     command = command_line()
     # Larger images take longer: fewer of them per round, for about the same time.
     overhead_requests = {args.size: args.requests}

@@ -97,12 +97,15 @@ def _serve() -> None:
     import torch
     from sentences import SENTENCES
 
+    from hearth.memory import keep_freed_memory
     from hearth.settings import Settings
     from models.device import choose_placement
     from models.embedding import EmbeddingModel
     from models.registry import PACKAGED_EMBEDDING_ID, Registry
 
     settings = Settings()
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     spec = Registry.scan(settings.model_store).get(PACKAGED_EMBEDDING_ID)

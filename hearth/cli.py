@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from hearth.logs import configure
+from hearth.memory import keep_freed_memory
 from hearth.settings import Settings
 from hearth.threads import openmp_environment
 
@@ -104,6 +105,8 @@ def worker(
         raise typer.Exit(2) from None
     only_images = all(spec.kind is ModelKind.IMAGE for spec in specs)
     os.environ.update(openmp_environment(settings.pin_threads, short_spin=not only_images))
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     from workers.worker import Worker
 
     # The standard event loop: under uvloop, a worker told to stop right after

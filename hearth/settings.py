@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Bind a worker's inference threads to cores: for a worker with the machine "
         "to itself (`hearth serve` turns it on); off where workers share cores.",
     )
+    keep_freed_memory: bool = Field(
+        default=True,
+        description="A worker keeps the memory its inference frees for its next call (glibc's "
+        "malloc thresholds, fixed with mallopt) instead of handing it back to the system and "
+        "faulting it in again every call; its resident memory then stays near its largest call.",
+    )
     max_batch_jobs: int = Field(
         default=64, ge=1, le=4096, description="Most jobs a worker takes from a stream at once."
     )
