@@ -22,6 +22,7 @@ from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
 from app.state import AppState
 from app.telemetry import Metrics, Telemetry
+from hearth.memory import freeze_startup_objects
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.dispatcher.start()
+        freeze_startup_objects()
         try:
             yield
         finally:

@@ -8,6 +8,7 @@ calls are counted.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -86,3 +87,25 @@ def test_the_setting_is_on_by_default_and_can_be_turned_off(
     assert Settings().keep_freed_memory is True
     monkeypatch.setenv("HEARTH_KEEP_FREED_MEMORY", "false")
     assert Settings().keep_freed_memory is False
+
+
+def test_a_started_api_leaves_its_startup_objects_out_of_collections(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from hearth.settings import Settings
+
+    settings = Settings(redis_url=redis_url, namespace=namespace, state_dir=tmp_path)
+    gc.unfreeze()
+    try:
+        app = create_app(settings)
+        assert gc.get_freeze_count() == 0
+        with TestClient(app) as client:
+            assert client.get("/healthz").status_code == 200
+            # FastAPI, pydantic, redis-py and the app: tens of thousands of objects
+            # that full collections no longer walk.
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

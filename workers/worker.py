@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from hearth.memory import freeze_startup_objects
 from hearth.settings import Settings
 from models.components import ComponentCache
 from models.device import Placement, choose_placement
@@ -165,6 +166,7 @@ class Worker:
             loop.add_signal_handler(sig, self.stop)
         try:
             await self.setup()
+            freeze_startup_objects()  # the models and libraries live as long as the worker
             background = [
                 asyncio.create_task(self._heartbeat()),
                 asyncio.create_task(self._hear_cancellations()),
