@@ -1,13 +1,12 @@
 """How Hearth's processes manage their memory.
 
-Freed memory (the worker).
-On the CPU, torch takes every tensor from malloc and frees it once used. With
-glibc's defaults, a large block is mapped fresh and unmapped again, and free
-memory at the top of a heap goes back to the operating system; each call then
-faults its working memory in again, page by page, zeroed by the kernel.
-Measured on 2 cores: about 6,000 page faults per embedding pass of 32 texts
-and per 256x256 demo-dit image; with the thresholds below, none, and those
-calls ran 9-12% faster.
+Freed memory (the worker). On the CPU, torch takes every tensor from malloc
+and frees it once used. With glibc's defaults, a large block is mapped fresh
+and unmapped again, and free memory at the top of a heap goes back to the
+operating system; each call then faults its working memory in again, page by
+page, zeroed by the kernel. Measured on 2 cores: about 6,000 page faults per
+embedding pass of 32 texts and per 256x256 demo-dit image; with the thresholds
+below, none, and those calls ran 9-12% faster.
 
 ``keep_freed_memory`` sets glibc's malloc (``mallopt``) so that every thread
 allocates from the one main heap (a thread's own heaps are at most 64 MiB and
