@@ -24,14 +24,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import Overloaded
 from workers.protocol import (
-    ENQUEUE_SCRIPT,
     FINISH_SCRIPT,
+    SUBMIT_SCRIPT,
     TERMINAL_STATUSES,
     Job,
     JobStatus,
     Keys,
     job_view,
-    queue_script,
+    parse_reply,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Dispatcher:
                     # A bounded wait: an unbounded one would trip the socket timeout.
                     message = await pubsub.get_message(timeout=POLL_S)
                     if message is not None:
-                        self._resolve(orjson.loads(message["data"]))
+                        self._resolve(parse_reply(message["data"]))
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("reply listener: Redis unreachable (%s); resubscribing", exc)
                 await asyncio.sleep(POLL_S)
@@ -82,7 +82,7 @@ class Dispatcher:
             future.set_result(reply)
 
     async def submit(self, job: Job, idempotency_key: str | None = None) -> str:
-        """Write the job's record and append it to its model's stream, in one round trip.
+        """Write the job's record and append it to its model's stream, in one step.
 
         Returns the id of the job now in charge: ``job``'s, or, when
         ``idempotency_key`` was seen before, the job first submitted with it.
@@ -95,23 +95,20 @@ class Dispatcher:
             )
             if earlier is not None:
                 return cast(bytes, earlier).decode()
-        pipe = self.redis.pipeline(transaction=False)
-        key = self.keys.job(job.id)
-        pipe.hset(key, mapping=job.hash_fields())
-        pipe.expire(key, ttl)
-        queue_script(
-            pipe,
-            ENQUEUE_SCRIPT,
-            [self.keys.stream(job.model)],
-            [self.max_queue_depth, job.to_json()],
+        fields = [item for pair in job.hash_fields().items() for item in pair]
+        entry = await self.redis.eval(
+            SUBMIT_SCRIPT,
+            2,
+            self.keys.job(job.id),
+            self.keys.stream(job.model),
+            self.max_queue_depth,
+            ttl,
+            job.to_json(),
+            *fields,
         )
-        *_, entry = await pipe.execute()
         if entry is None:
-            cleanup = self.redis.pipeline(transaction=False)
-            cleanup.delete(key)
             if idempotency_key is not None:
-                cleanup.delete(self.keys.idempotency(idempotency_key))
-            await cleanup.execute()
+                await self.redis.delete(self.keys.idempotency(idempotency_key))
             raise Overloaded(
                 f"The queue of model '{job.model}' is full ({self.max_queue_depth} jobs); "
                 "retry shortly.",
@@ -123,8 +120,9 @@ class Dispatcher:
     async def run(self, job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit ``job`` with this process as its reply address and wait for its end.
 
-        Returns the reply: ``{"id", "status", "result", "error"}``. Past the
-        job's deadline the job is cancelled and TimeoutError raised.
+        Returns the reply (see ``parse_reply``), its result the JSON bytes the
+        worker wrote, or None. Past the job's deadline the job is cancelled and
+        TimeoutError raised.
         """
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = future
@@ -162,7 +160,7 @@ class Dispatcher:
         return {
             "id": job_id,
             "status": status.decode(),
-            "result": orjson.loads(result) if result else None,
+            "result": result or None,
             "error": orjson.loads(error) if error else None,
             "started_at": float(started_at) if started_at else None,
             "finished_at": float(finished_at) if finished_at else None,

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import Request
+import orjson
+from fastapi import Request, Response
 
 from app.errors import Conflict, DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
 from app.responses import JSONResponse
@@ -71,7 +72,7 @@ async def accept(state: AppState, request: Request, job: Job) -> JSONResponse:
     )
 
 
-async def respond(state: AppState, request: Request, prepare: Prepare) -> JSONResponse:
+async def respond(state: AppState, request: Request, prepare: Prepare) -> Response:
     """Answer a request: its result, or 202 when the client prefers to come back for it."""
     settings = state.settings
     if wants_async(request):
@@ -91,10 +92,12 @@ async def respond(state: AppState, request: Request, prepare: Prepare) -> JSONRe
         ) from None
     if reply["status"] != JobStatus.SUCCEEDED:
         raise _failure(reply)
-    result: dict[str, Any] = absolute_urls({"result": reply["result"]}, public_base(request))[
-        "result"
-    ]
-    return JSONResponse(result, headers=_timings(request, job, reply))
+    headers = _timings(request, job, reply)
+    if job.input.get("response_format") == "url":  # file links, relative until now
+        view = absolute_urls({"result": orjson.loads(reply["result"])}, public_base(request))
+        return JSONResponse(view["result"], headers=headers)
+    # The body the worker encoded, sent as it is: no decoding and encoding again.
+    return Response(reply["result"], media_type="application/json", headers=headers)
 
 
 def _timings(request: Request, job: Job, reply: dict[str, Any]) -> dict[str, str]:

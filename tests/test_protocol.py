@@ -11,6 +11,7 @@ from workers.protocol import (
     FINISH_SCRIPT,
     RETRY_SCRIPT,
     START_SCRIPT,
+    SUBMIT_SCRIPT,
     TERMINAL_STATUSES,
     Job,
     JobError,
@@ -18,6 +19,7 @@ from workers.protocol import (
     JobType,
     Keys,
     Outcome,
+    parse_reply,
     reply_head,
 )
 
@@ -64,33 +66,61 @@ def test_the_reply_is_the_head_then_the_stored_result(
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel)
     pubsub.get_message(timeout=1)
-    succeeded = Outcome(JobStatus.SUCCEEDED, result=b'{"object":"list"}')
-    failed = Outcome(JobStatus.FAILED, error=JobError("boom"))
+    # A result whose strings hold newlines and the reply's own key names.
+    result = orjson.dumps({"object": "list", "text": 'two\nlines, "result": {}'})
+    succeeded = Outcome(JobStatus.SUCCEEDED, result=result)
+    failed = Outcome(JobStatus.FAILED, error=JobError("boom\nagain"))
     replies = []
     for outcome, started in ((succeeded, 1.0), (failed, None)):
         job = make_job()
         key = _seed(redis_client, keys, job)
         head = reply_head(job.id, outcome, started, 2.0)
         error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
-        result = outcome.result or b""
-        args = [outcome.status.value, 2.0, 60, result, error, channel, head, keys.events(job.id)]
-        assert finish(keys=[key], args=args) == 1
+        args = [outcome.status.value, 2.0, 60, outcome.result or b"", error, channel, head]
+        assert finish(keys=[key], args=[*args, keys.events(job.id)]) == 1
         message = pubsub.get_message(timeout=2)
         assert message is not None
-        replies.append((job.id, orjson.loads(message["data"])))
+        replies.append((job.id, parse_reply(message["data"])))
     pubsub.close()
     (first_id, first), (second_id, second) = replies
+    # The result comes back byte for byte as the worker wrote it.
     assert first == {
         "id": first_id,
         "status": "succeeded",
-        "result": {"object": "list"},
+        "result": result,
         "error": None,
         "started_at": 1.0,
         "finished_at": 2.0,
     }
     assert second["id"] == second_id
     assert second["result"] is None
-    assert second["error"]["message"] == "boom"
+    assert second["error"]["message"] == "boom\nagain"
+
+
+def test_submit_writes_the_record_and_the_entry_or_nothing(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    submit = redis_client.register_script(SUBMIT_SCRIPT)
+    stream = keys.stream("m1")
+
+    def submitted(job: Job) -> bytes | None:
+        fields = [item for pair in job.hash_fields().items() for item in pair]
+        return submit(keys=[keys.job(job.id), stream], args=[1, 60, job.to_json(), *fields])
+
+    jobs = [make_job(), make_job()]
+    assert submitted(jobs[0]) is not None
+    # The stream now holds as many entries as it may: nothing of the next job is written.
+    assert submitted(jobs[1]) is None
+    first, second = jobs
+    record = redis_client.hgetall(keys.job(first.id))
+    assert record[b"status"] == b"queued"
+    assert float(record[b"created_at"]) == first.created_at
+    assert 0 < redis_client.ttl(keys.job(first.id)) <= 60
+    (_entry_id, entry_fields), *rest = redis_client.xrange(stream)
+    assert rest == []
+    assert Job.from_json(entry_fields[b"job"]) == first
+    assert redis_client.exists(keys.job(second.id)) == 0
 
 
 def _seed(client: redis.Redis, keys: Keys, job: Job) -> str:
@@ -132,14 +162,14 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     assert (
         finish(
             keys=[key],
-            args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b'{"n":1,"result":', events],
+            args=["succeeded", 1.0, 60, b'{"a":1}', b"", channel, b'{"n":1}\n', events],
         )
         == 1
     )
     assert (
         finish(
             keys=[key],
-            args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b'{"n":2,"result":', events],
+            args=["failed", 2.0, 60, b"", b'{"message":"x"}', channel, b'{"n":2}\n', events],
         )
         == 0
     )
@@ -150,7 +180,7 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     assert b"error" not in record
     assert 0 < redis_client.ttl(key) <= 60
     message = pubsub.get_message(timeout=2)
-    assert message is not None and message["data"] == b'{"n":1,"result":{"a":1}}'
+    assert message is not None and message["data"] == b'{"n":1}\n{"a":1}'
     assert pubsub.get_message(timeout=0.3) is None  # the refused finish published nothing
     pubsub.close()
 

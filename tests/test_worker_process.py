@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -94,7 +95,7 @@ def test_the_noop_model_answers_every_job_at_once(
     finally:
         assert worker.stop() == 0
     assert [reply["status"] for reply in replies] == ["succeeded"] * 50
-    assert all(reply["result"] == {"object": "noop"} for reply in replies)
+    assert all(orjson.loads(reply["result"]) == {"object": "noop"} for reply in replies)
     assert len({reply["id"] for reply in replies}) == 50
     assert all(reply["started_at"] <= reply["finished_at"] for reply in replies)
 

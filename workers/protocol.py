@@ -220,9 +220,9 @@ def reply_head(
     job_id: str, outcome: Outcome, started_at: float | None, finished_at: float
 ) -> bytes:
     """The start of what a worker publishes on the API's reply channel once a job
-    is stored: a JSON object up to its ``"result":`` key. FINISH_SCRIPT appends
-    the result it stores (or ``null``) and the closing brace, so the result
-    travels to Redis once, not twice."""
+    is stored: the reply without its result, as one line of JSON. FINISH_SCRIPT
+    appends the result it stores (nothing when there is none), so the result
+    travels to Redis once, and the API can answer with its bytes as they are."""
     head = orjson.dumps(
         {
             "id": job_id,
@@ -232,7 +232,18 @@ def reply_head(
             "finished_at": finished_at,
         }
     )
-    return head[:-1] + b',"result":'
+    return head + b"\n"
+
+
+def parse_reply(message: bytes) -> dict[str, Any]:
+    """A reply as published (see ``reply_head``): ``{"id", "status", "error",
+    "started_at", "finished_at", "result"}``, the result left as the JSON bytes
+    the worker wrote, or None. orjson writes no raw newline, so the first one
+    ends the head."""
+    head, _, result = message.partition(b"\n")
+    reply: dict[str, Any] = orjson.loads(head)
+    reply["result"] = result or None
+    return reply
 
 
 def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
@@ -272,11 +283,15 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS[1] model stream; ARGV: most entries it may hold, job JSON. Appends the
-# job unless the stream is full (backpressure); returns the entry id or nil.
-ENQUEUE_SCRIPT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+# KEYS[1] job hash, KEYS[2] model stream; ARGV: most entries the stream may
+# hold, seconds the record lives, job JSON, then the record's fields and values.
+# Writes the record and appends the job, in one step, unless the stream is full
+# (backpressure): then it writes nothing and returns nil. Else the entry id.
+SUBMIT_SCRIPT = """
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
 """
 
 # KEYS[1] job hash; ARGV: error JSON. Puts a running job back in the queue
@@ -301,11 +316,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-if ARGV[6] ~= '' then
-  local result = ARGV[4]
-  if result == '' then result = 'null' end
-  redis.call('PUBLISH', ARGV[6], ARGV[7] .. result .. '}')
-end
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ARGV[4]) end
 redis.call('PUBLISH', ARGV[8], '{"event":"' .. ARGV[1] .. '"}')
 return 1
 """

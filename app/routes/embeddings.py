@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.errors import InvalidRequest
-from app.responses import JSONResponse
 from app.schemas import WORK_ERRORS, EmbeddingRequest, EmbeddingResponse
 from app.state import AppState, StateDep
 from app.submit import respond
@@ -64,9 +63,7 @@ def prepare(
     responses=WORK_ERRORS,
     summary="Embed text",
 )
-async def create_embeddings(
-    body: EmbeddingRequest, request: Request, state: StateDep
-) -> JSONResponse:
+async def create_embeddings(body: EmbeddingRequest, request: Request, state: StateDep) -> Response:
     """Embed one string or a list of strings with an embedding model (OpenAI's shape).
 
     With `Prefer: respond-async` the answer is `202` with a job to poll instead.

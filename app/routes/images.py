@@ -6,10 +6,9 @@ import random
 import time
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.errors import InvalidRequest
-from app.responses import JSONResponse
 from app.schemas import WORK_ERRORS, ImageGenerationRequest, ImageResponse
 from app.state import AppState, StateDep
 from app.submit import respond
@@ -108,7 +107,7 @@ def prepare(
 )
 async def create_images(
     body: ImageGenerationRequest, request: Request, state: StateDep
-) -> JSONResponse:
+) -> Response:
     """Generate `n` images from a prompt (OpenAI's shape).
 
     Extensions: `negative_prompt`, `num_inference_steps`, `guidance_scale`,
