@@ -124,14 +124,29 @@ class Row:
 
 
 def machine(torch_threads: int) -> str:
-    """CPU model, logical cores, RAM (from /proc where available) and torch threads."""
+    """CPU model, logical cores, RAM (from /proc where available) and torch threads.
+
+    The CPU's family, model and widest vector instructions are named too: cloud
+    machines that report the same model name (say "AMD EPYC") differ threefold
+    in what they compute per core."""
     cpu, ram_gib = platform.processor() or "unknown CPU", math.nan
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        info = dict(
+            (key.strip(), value.strip())
+            for key, _, value in (
+                line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()
+            )
+            if value
+        )
+        flags = set(info.get("flags", "").split())
+        vector = next((name for name in ("avx512f", "avx2", "avx") if name in flags), "no AVX")
+        cpu = (
+            f"{info['model name']} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}, {vector.upper()})"
+        )
         meminfo = Path("/proc/meminfo").read_text().split()
         ram_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024**2
-    except (OSError, StopIteration, ValueError):
+    except (OSError, KeyError, ValueError):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {ram_gib:.1f} GiB RAM, torch threads {torch_threads}"
 
