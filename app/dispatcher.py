@@ -3,8 +3,12 @@
 One dispatcher per API process. It subscribes once to its own reply channel;
 workers publish there when a job it submitted ends, and the listener resolves
 the waiting request's future, so a waiting request costs no Redis traffic.
-Should a reply be missed (a dropped connection), the waiter reads the job's
-record once per ``POLL_S`` and finds the outcome there.
+Should a reply be missed (a dropped connection), a sweeper reads the record
+of each job waited on for longer than ``POLL_S`` and finds the outcome there;
+it also ends the waits that pass their deadline.
+
+Jobs submitted at the same moment (a burst of requests handled in one turn of
+the event loop) travel to Redis in one pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -36,7 +40,20 @@ from workers.protocol import (
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 1.0
+POLL_S = 1.0  # how long a reply may be missing before the job's record is read
+SWEEP_S = 0.25  # how often waits are checked: deadlines are kept this closely
+OUTCOME_FIELDS = ("status", "result", "error", "started_at", "finished_at")
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting for a job's end."""
+
+    deadline: float  # time.time() past which it gives up
+    future: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    since: float = field(default_factory=time.monotonic)
 
 
 class Dispatcher:
@@ -46,18 +63,23 @@ class Dispatcher:
         self.result_ttl_s = result_ttl_s
         self.max_queue_depth = max_queue_depth
         self.channel = keys.replies(uuid.uuid4().hex)
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._waiting: dict[str, list[_Waiter]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
         self._finish = redis.register_script(FINISH_SCRIPT)
+        # Submits not yet sent, and the pipelines sending the others.
+        self._submits: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="reply-listener")
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="reply-listener"),
+            asyncio.create_task(self._sweep(), name="wait-sweeper"),
+        ]
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._flushes, return_exceptions=True)
 
     async def _listen(self) -> None:
         while True:
@@ -77,9 +99,32 @@ class Dispatcher:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _resolve(self, reply: dict[str, Any]) -> None:
-        future = self._waiting.get(reply["id"])
-        if future is not None and not future.done():
-            future.set_result(reply)
+        for waiter in self._waiting.get(reply["id"], ()):
+            if not waiter.future.done():
+                waiter.future.set_result(reply)
+
+    async def _sweep(self) -> None:
+        """End the waits past their deadline; find the outcomes whose reply went missing."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                now, clock = time.time(), time.monotonic()
+                overdue: list[str] = []
+                for job_id, waiters in self._waiting.items():
+                    pending = [waiter for waiter in waiters if not waiter.future.done()]
+                    for waiter in pending:
+                        if now >= waiter.deadline:
+                            waiter.future.set_exception(TimeoutError(job_id))
+                    if any(clock - waiter.since >= POLL_S for waiter in pending):
+                        overdue.append(job_id)
+                if overdue:
+                    for reply in await self._read_outcomes(overdue):
+                        if reply is not None:
+                            self._resolve(reply)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("wait sweeper: Redis unreachable (%s)", exc)
+            except Exception:  # the sweeper never dies: every wait depends on it
+                logger.exception("wait sweeper: check failed")
 
     async def submit(self, job: Job, idempotency_key: str | None = None) -> str:
         """Write the job's record and append it to its model's stream, in one step.
@@ -96,15 +141,15 @@ class Dispatcher:
             if earlier is not None:
                 return cast(bytes, earlier).decode()
         fields = [item for pair in job.hash_fields().items() for item in pair]
-        entry = await self.redis.eval(
-            SUBMIT_SCRIPT,
-            2,
-            self.keys.job(job.id),
-            self.keys.stream(job.model),
-            self.max_queue_depth,
-            ttl,
-            job.to_json(),
-            *fields,
+        entry = await self._submit_script(
+            [
+                self.keys.job(job.id),
+                self.keys.stream(job.model),
+                self.max_queue_depth,
+                ttl,
+                job.to_json(),
+                *fields,
+            ]
         )
         if entry is None:
             if idempotency_key is not None:
@@ -124,47 +169,100 @@ class Dispatcher:
         worker wrote, or None. Past the job's deadline the job is cancelled and
         TimeoutError raised.
         """
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[job.id] = future
+        waiter = _Waiter(job.deadline)
+        job_id = job.id
+        self._wait(job_id, waiter)
         try:
             job_id = await self.submit(job, idempotency_key)
             if job_id != job.id:  # an earlier request with the same key: wait for that job
-                self._waiting[job_id] = self._waiting.pop(job.id)
-                job = replace(job, id=job_id)
-            while True:
-                remaining = job.deadline - time.time()
-                if remaining <= 0:
-                    await self.cancel(job.id)
-                    raise TimeoutError(job.id)
-                try:
-                    return await asyncio.wait_for(asyncio.shield(future), min(POLL_S, remaining))
-                except TimeoutError:
-                    reply = await self._read_outcome(job.id)
-                    if reply is not None:
-                        return reply
+                self._unwait(job.id, waiter)
+                self._wait(job_id, waiter)
+            try:
+                return await waiter.future
+            except TimeoutError:  # set by the sweeper
+                await self.cancel(job_id)
+                raise
         finally:
-            self._waiting.pop(job.id, None)
+            self._unwait(job_id, waiter)
+
+    def _wait(self, job_id: str, waiter: _Waiter) -> None:
+        self._waiting.setdefault(job_id, []).append(waiter)
+
+    def _unwait(self, job_id: str, waiter: _Waiter) -> None:
+        waiters = self._waiting.get(job_id, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiting.pop(job_id, None)
+
+    async def _submit_script(self, args: list[Any]) -> Any:
+        """Run SUBMIT_SCRIPT (keys, then arguments) in the next pipeline to Redis.
+
+        Every submit made before the event loop's next turn joins the same
+        pipeline, so a burst of requests costs one round trip, not one each.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._submits.append((args, future))
+        if len(self._submits) == 1:
+            flush = asyncio.create_task(self._flush_submits())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush_submits(self) -> None:
+        batch, self._submits = self._submits, []
+        try:
+            if len(batch) == 1:
+                replies = [await self.redis.eval(SUBMIT_SCRIPT, 2, *batch[0][0])]
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                for args, _ in batch:
+                    pipe.eval(SUBMIT_SCRIPT, 2, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # Redis unreachable: every submit of the batch failed
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its request went away meanwhile
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""
         record = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
         return job_view(job_id, record) if record else None
 
-    async def _read_outcome(self, job_id: str) -> dict[str, Any] | None:
-        fields = await self.redis.hmget(
-            self.keys.job(job_id), "status", "result", "error", "started_at", "finished_at"
-        )
-        status, result, error, started_at, finished_at = cast(list[bytes | None], fields)
-        if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
-            return None
-        return {
-            "id": job_id,
-            "status": status.decode(),
-            "result": result or None,
-            "error": orjson.loads(error) if error else None,
-            "started_at": float(started_at) if started_at else None,
-            "finished_at": float(finished_at) if finished_at else None,
-        }
+    async def _read_outcomes(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Each job's reply as its record holds it; None for a job not yet ended."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.keys.job(job_id), *OUTCOME_FIELDS)
+        replies: list[dict[str, Any] | None] = []
+        for job_id, fields in zip(job_ids, await pipe.execute(), strict=True):
+            status, result, error, started_at, finished_at = cast(list[bytes | None], fields)
+            if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
+                replies.append(None)
+                continue
+            replies.append(
+                {
+                    "id": job_id,
+                    "status": status.decode(),
+                    "result": result or None,
+                    "error": orjson.loads(error) if error else None,
+                    "started_at": float(started_at) if started_at else None,
+                    "finished_at": float(finished_at) if finished_at else None,
+                }
+            )
+        return replies
 
     async def cancel(self, job_id: str) -> bool:
         """End a job as cancelled unless it already ended; workers skip it from then on."""

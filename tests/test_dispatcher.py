@@ -1,0 +1,175 @@
+"""The API's dispatcher against a real Redis, with this test playing the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from app.dispatcher import Dispatcher
+from workers.protocol import FINISH_SCRIPT, Job, JobStatus, JobType, Keys, reply_head
+from workers.protocol import Outcome as JobOutcome
+
+MODEL = "all-minilm-l6-v2"
+T = TypeVar("T")
+
+
+def make_job(channel: str, deadline_s: float = 30.0) -> Job:
+    return Job(
+        type=JobType.EMBEDDINGS,
+        model=MODEL,
+        input={"input": ["hello"], "encoding_format": "float", "dimensions": None},
+        deadline=time.time() + deadline_s,
+        reply_to=channel,
+    )
+
+
+def with_dispatcher(
+    redis_url: str, namespace: str, body: Callable[[Dispatcher, Redis], Awaitable[T]]
+) -> T:
+    async def go() -> T:
+        client = Redis.from_url(redis_url)
+        dispatcher = Dispatcher(client, Keys(namespace), result_ttl_s=60, max_queue_depth=1000)
+        await dispatcher.start()
+        try:
+            return await body(dispatcher, client)
+        finally:
+            await dispatcher.stop()
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+async def taken_jobs(client: Redis, keys: Keys, count: int) -> list[Job]:
+    """Wait until ``count`` jobs are in the model's stream; the jobs."""
+    deadline = time.monotonic() + 10
+    while True:
+        entries = await client.xrange(keys.stream(MODEL))
+        if len(entries) >= count:
+            return [Job.from_json(fields[b"job"]) for _, fields in entries]
+        assert time.monotonic() < deadline, f"{len(entries)} of {count} jobs queued"
+        await asyncio.sleep(0.01)
+
+
+async def finish(client: Redis, keys: Keys, job: Job, result: bytes, publish: bool) -> None:
+    """End ``job`` as a worker does, publishing its reply or (a lost reply) not."""
+    outcome = JobOutcome(JobStatus.SUCCEEDED, result=result)
+    args = [
+        outcome.status.value,
+        time.time(),
+        60,
+        result,
+        b"",
+        job.reply_to if publish and job.reply_to else "",
+        reply_head(job.id, outcome, time.time(), time.time()),
+        keys.events(job.id),
+    ]
+    assert await client.eval(FINISH_SCRIPT, 1, keys.job(job.id), *args) == 1
+
+
+def test_a_reply_is_the_workers_result_bytes(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+    result = orjson.dumps({"object": "list", "data": [1.5, 2.5]})
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> dict[str, Any]:
+        waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel)))
+        (job,) = await taken_jobs(client, keys, 1)
+        await finish(client, keys, job, result, publish=True)
+        return await asyncio.wait_for(waiting, 5)
+
+    reply = with_dispatcher(redis_url, namespace, body)
+    assert reply["status"] == "succeeded"
+    assert reply["result"] == result
+
+
+def test_a_lost_reply_is_found_in_the_jobs_record(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+    result = b'{"object":"list"}'
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> tuple[dict[str, Any], float]:
+        waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel)))
+        (job,) = await taken_jobs(client, keys, 1)
+        await finish(client, keys, job, result, publish=False)
+        started = time.monotonic()
+        reply = await asyncio.wait_for(waiting, 5)
+        return reply, time.monotonic() - started
+
+    reply, waited = with_dispatcher(redis_url, namespace, body)
+    assert reply["status"] == "succeeded"
+    assert reply["result"] == result
+    assert waited < 2.5  # read from the record about a second after the submit
+
+
+def test_a_wait_past_its_deadline_ends_and_cancels_the_job(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> tuple[float, bytes | None]:
+        job = make_job(dispatcher.channel, deadline_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await dispatcher.run(job)
+        return time.monotonic() - started, await client.hget(keys.job(job.id), "status")
+
+    waited, status = with_dispatcher(redis_url, namespace, body)
+    assert 0.5 <= waited < 1.2  # kept to the sweeper's quarter of a second
+    assert status == b"cancelled"
+
+
+def test_a_burst_of_submits_shares_pipelines_and_each_gets_its_own_reply(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    count = 60
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> tuple[list[dict[str, Any]], int]:
+        flushes = 0
+        flush = dispatcher._flush_submits
+
+        async def counted() -> None:
+            nonlocal flushes
+            flushes += 1
+            await flush()
+
+        dispatcher._flush_submits = counted  # type: ignore[method-assign]
+        jobs = [make_job(dispatcher.channel) for _ in range(count)]
+        waiting = asyncio.gather(*(dispatcher.run(job) for job in jobs))
+        taken = await taken_jobs(client, keys, count)
+        assert {job.id for job in taken} == {job.id for job in jobs}
+        for job in taken:
+            await finish(client, keys, job, orjson.dumps({"id": job.id}), publish=True)
+        replies = await asyncio.wait_for(waiting, 10)
+        return [{**reply, "job": job.id} for reply, job in zip(replies, jobs, strict=True)], flushes
+
+    replies, flushes = with_dispatcher(redis_url, namespace, body)
+    assert flushes < count / 10
+    for reply in replies:
+        assert reply["id"] == reply["job"]
+        assert orjson.loads(reply["result"]) == {"id": reply["job"]}
+
+
+def test_requests_sharing_an_idempotency_key_all_get_the_reply(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    result = b'{"object":"list"}'
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> list[dict[str, Any]]:
+        first = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), "key-1"))
+        (job,) = await taken_jobs(client, keys, 1)
+        second = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), "key-1"))
+        await asyncio.sleep(0.2)  # the second request now waits on the first one's job
+        await finish(client, keys, job, result, publish=True)
+        started = time.monotonic()
+        replies = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        # Both through the reply itself, not the record read after a second.
+        assert time.monotonic() - started < 0.5
+        return list(replies)
+
+    replies = with_dispatcher(redis_url, namespace, body)
+    assert [reply["id"] for reply in replies] == [replies[0]["id"]] * 2
+    assert all(reply["result"] == result for reply in replies)
