@@ -28,14 +28,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import Overloaded
 from workers.protocol import (
+    ENQUEUE_SCRIPT,
     FINISH_SCRIPT,
-    SUBMIT_SCRIPT,
     TERMINAL_STATUSES,
     Job,
     JobStatus,
     Keys,
     job_view,
     parse_reply,
+    queue_script,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._finish = redis.register_script(FINISH_SCRIPT)
         # Submits not yet sent, and the pipelines sending the others.
-        self._submits: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._submits: list[tuple[Job, int, asyncio.Future[bytes | None]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -127,7 +128,7 @@ class Dispatcher:
                 logger.exception("wait sweeper: check failed")
 
     async def submit(self, job: Job, idempotency_key: str | None = None) -> str:
-        """Write the job's record and append it to its model's stream, in one step.
+        """Write the job's record and append it to its model's stream, in one round trip.
 
         Returns the id of the job now in charge: ``job``'s, or, when
         ``idempotency_key`` was seen before, the job first submitted with it.
@@ -140,20 +141,13 @@ class Dispatcher:
             )
             if earlier is not None:
                 return cast(bytes, earlier).decode()
-        fields = [item for pair in job.hash_fields().items() for item in pair]
-        entry = await self._submit_script(
-            [
-                self.keys.job(job.id),
-                self.keys.stream(job.model),
-                self.max_queue_depth,
-                ttl,
-                job.to_json(),
-                *fields,
-            ]
-        )
-        if entry is None:
+        entry = await self._enqueue(job, ttl)
+        if entry is None:  # the queue is full: the record written first goes again
+            cleanup = self.redis.pipeline(transaction=False)
+            cleanup.delete(self.keys.job(job.id))
             if idempotency_key is not None:
-                await self.redis.delete(self.keys.idempotency(idempotency_key))
+                cleanup.delete(self.keys.idempotency(idempotency_key))
+            await cleanup.execute()
             raise Overloaded(
                 f"The queue of model '{job.model}' is full ({self.max_queue_depth} jobs); "
                 "retry shortly.",
@@ -195,14 +189,15 @@ class Dispatcher:
         if not waiters:
             self._waiting.pop(job_id, None)
 
-    async def _submit_script(self, args: list[Any]) -> Any:
-        """Run SUBMIT_SCRIPT (keys, then arguments) in the next pipeline to Redis.
+    async def _enqueue(self, job: Job, ttl: int) -> bytes | None:
+        """Write the job's record, then append it to its model's stream unless
+        the stream is full: the stream entry's id, or None.
 
-        Every submit made before the event loop's next turn joins the same
+        Every job submitted before the event loop's next turn goes in the same
         pipeline, so a burst of requests costs one round trip, not one each.
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._submits.append((args, future))
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._submits.append((job, ttl, future))
         if len(self._submits) == 1:
             flush = asyncio.create_task(self._flush_submits())
             self._flushes.add(flush)
@@ -211,30 +206,33 @@ class Dispatcher:
 
     async def _flush_submits(self) -> None:
         batch, self._submits = self._submits, []
+        pipe = self.redis.pipeline(transaction=False)
+        for job, ttl, _ in batch:
+            key = self.keys.job(job.id)
+            pipe.hset(key, mapping=job.hash_fields())
+            pipe.expire(key, ttl)
+            stream = self.keys.stream(job.model)
+            queue_script(pipe, ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, job.to_json()])
         try:
-            if len(batch) == 1:
-                replies = [await self.redis.eval(SUBMIT_SCRIPT, 2, *batch[0][0])]
-            else:
-                pipe = self.redis.pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.eval(SUBMIT_SCRIPT, 2, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
-            for _, future in batch:
+            for *_, future in batch:
                 future.cancel()
             raise
         except Exception as exc:  # Redis unreachable: every submit of the batch failed
-            for _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        for index, (*_, future) in enumerate(batch):
             if future.done():  # its request went away meanwhile
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
+            written = replies[3 * index : 3 * index + 3]
+            error = next((reply for reply in written if isinstance(reply, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
             else:
-                future.set_result(reply)
+                future.set_result(written[2])
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""

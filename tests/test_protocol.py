@@ -7,11 +7,13 @@ import time
 import orjson
 import redis
 
+from app.auth import TOKEN_BUCKET_SCRIPT
+from workers import protocol
 from workers.protocol import (
+    ENQUEUE_SCRIPT,
     FINISH_SCRIPT,
     RETRY_SCRIPT,
     START_SCRIPT,
-    SUBMIT_SCRIPT,
     TERMINAL_STATUSES,
     Job,
     JobError,
@@ -97,30 +99,16 @@ def test_the_reply_is_the_head_then_the_stored_result(
     assert second["error"]["message"] == "boom\nagain"
 
 
-def test_submit_writes_the_record_and_the_entry_or_nothing(
+def test_enqueue_appends_only_while_the_stream_has_room(
     redis_client: redis.Redis, namespace: str
 ) -> None:
-    keys = Keys(namespace)
-    submit = redis_client.register_script(SUBMIT_SCRIPT)
-    stream = keys.stream("m1")
-
-    def submitted(job: Job) -> bytes | None:
-        fields = [item for pair in job.hash_fields().items() for item in pair]
-        return submit(keys=[keys.job(job.id), stream], args=[1, 60, job.to_json(), *fields])
-
-    jobs = [make_job(), make_job()]
-    assert submitted(jobs[0]) is not None
-    # The stream now holds as many entries as it may: nothing of the next job is written.
-    assert submitted(jobs[1]) is None
-    first, second = jobs
-    record = redis_client.hgetall(keys.job(first.id))
-    assert record[b"status"] == b"queued"
-    assert float(record[b"created_at"]) == first.created_at
-    assert 0 < redis_client.ttl(keys.job(first.id)) <= 60
-    (_entry_id, entry_fields), *rest = redis_client.xrange(stream)
-    assert rest == []
-    assert Job.from_json(entry_fields[b"job"]) == first
-    assert redis_client.exists(keys.job(second.id)) == 0
+    stream = Keys(namespace).stream("m1")
+    enqueue = redis_client.register_script(ENQUEUE_SCRIPT)
+    first, second = make_job(), make_job()
+    assert enqueue(keys=[stream], args=[1, first.to_json()]) is not None
+    assert enqueue(keys=[stream], args=[1, second.to_json()]) is None
+    ((_entry_id, fields),) = redis_client.xrange(stream)
+    assert Job.from_json(fields[b"job"]) == first
 
 
 def _seed(client: redis.Redis, keys: Keys, job: Job) -> str:
@@ -193,3 +181,18 @@ def test_finish_does_not_recreate_an_expired_record(
     events = Keys(namespace).events("job_gone")
     assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b"", events]) == 0
     assert not redis_client.exists(key)
+
+
+def test_every_script_touches_the_keys_of_one_hash_tag() -> None:
+    # Redis Cluster runs a script only when all its keys share a slot; each of
+    # Hearth's scripts takes a single key, and the key names carry the tag.
+    scripts = {
+        name: source
+        for name, source in vars(protocol).items()
+        if name.endswith("_SCRIPT") and isinstance(source, str)
+    }
+    scripts["TOKEN_BUCKET_SCRIPT"] = TOKEN_BUCKET_SCRIPT
+    assert len(scripts) >= 6
+    for name, source in scripts.items():
+        assert "KEYS[1]" in source, name
+        assert "KEYS[2]" not in source, name

@@ -283,15 +283,13 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS[1] job hash, KEYS[2] model stream; ARGV: most entries the stream may
-# hold, seconds the record lives, job JSON, then the record's fields and values.
-# Writes the record and appends the job, in one step, unless the stream is full
-# (backpressure): then it writes nothing and returns nil. Else the entry id.
-SUBMIT_SCRIPT = """
-if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return redis.call('XADD', KEYS[2], '*', 'job', ARGV[3])
+# KEYS[1] model stream; ARGV: most entries it may hold, job JSON. Appends the
+# job unless the stream is full (backpressure); returns the entry id or nil.
+# The job's record is written before, by commands of its own: a script touches
+# the keys of one hash tag only, as Redis Cluster requires.
+ENQUEUE_SCRIPT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 """
 
 # KEYS[1] job hash; ARGV: error JSON. Puts a running job back in the queue
