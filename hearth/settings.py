@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         description="Most padded tokens in one embedding forward pass. Default: 1024 on a CPU "
         "(where larger passes run slower per text), 16384 on a GPU.",
     )
+    embedding_batch_wait_ms: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Under load (the model's last batch held several jobs), how long an "
+        "embedding batch waits for more jobs before it starts: at most twice, and never again "
+        "once a wait brings none. Default: 10 on a CPU, where one pass of 30 texts costs less "
+        "per text than two of 15; 0 on a GPU.",
+    )
     max_batch_images: int = Field(
         default=8, ge=1, le=256, description="Most images a worker generates in one pipeline call."
     )

@@ -100,6 +100,65 @@ def test_the_noop_model_answers_every_job_at_once(
     assert all(reply["started_at"] <= reply["finished_at"] for reply in replies)
 
 
+def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    wait_s = 1.0
+
+    def job(text: str, dispatcher: Dispatcher) -> Job:
+        return Job(
+            type=JobType.EMBEDDINGS,
+            model=PACKAGED_EMBEDDING_ID,
+            input={"input": [text], "encoding_format": "float", "dimensions": None},
+            deadline=time.time() + 60,
+            reply_to=dispatcher.channel,
+        )
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], float]:
+        client = Redis.from_url(redis_url)
+        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
+        await dispatcher.start()
+        worker = None
+        try:
+            # Three jobs queued before the worker starts: its first batch holds them all.
+            first = asyncio.gather(*(dispatcher.run(job(f"{i}", dispatcher)) for i in range(3)))
+            while await client.xlen(keys.stream(PACKAGED_EMBEDDING_ID)) < 3:
+                await asyncio.sleep(0.01)
+            worker = await asyncio.to_thread(
+                start_worker,
+                redis_url,
+                namespace,
+                tmp_path,
+                PACKAGED_EMBEDDING_ID,
+                HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
+            )
+            await first
+            # Under load: a job arriving while the next one waits joins its batch.
+            early = asyncio.create_task(dispatcher.run(job("early", dispatcher)))
+            await asyncio.sleep(wait_s / 4)
+            late = await dispatcher.run(job("late", dispatcher))
+            await early
+            # That batch held two jobs, so the next waits once, for nothing; the one
+            # after it follows a batch of one, a lone client's, and starts at once.
+            await dispatcher.run(job("after", dispatcher))
+            lone_job = job("lone", dispatcher)
+            lone = await dispatcher.run(lone_job)
+            return early.result(), late, lone, lone_job.created_at
+        finally:
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
+            await dispatcher.stop()
+            await client.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        early, late, lone, lone_created = thread.submit(asyncio.run, go()).result()
+    sizes = redis.Redis.from_url(redis_url).hgetall(keys.batch_sizes(PACKAGED_EMBEDDING_ID))
+    assert {int(size): int(count) for size, count in sizes.items()} == {3: 1, 2: 1, 1: 2}
+    assert early["started_at"] == late["started_at"]  # one batch
+    assert lone["started_at"] - lone_created < wait_s / 2
+
+
 def _thread_cpus(pid: int) -> list[set[int]]:
     """The CPUs each thread of process ``pid`` may run on."""
     cpus: list[set[int]] = []
