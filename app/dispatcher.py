@@ -178,6 +178,8 @@ class Dispatcher:
                 raise
         finally:
             self._unwait(job_id, waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                waiter.future.exception()  # a deadline met while the submit failed: seen
 
     def _wait(self, job_id: str, waiter: _Waiter) -> None:
         self._waiting.setdefault(job_id, []).append(waiter)
