@@ -232,6 +232,25 @@ def command_line() -> str:
     return shlex.join([str(python), *sys.argv])
 
 
+# A level's measured window holds at least this many rounds of every client.
+ROUNDS_PER_WINDOW = 3
+
+
+def level_window(
+    warmup_s: float, duration_s: float, texts_in_flight: int, texts_per_s: float
+) -> tuple[float, float]:
+    """The warmup and measured seconds of a level with ``texts_in_flight`` texts
+    outstanding, when texts go at ``texts_per_s`` at best.
+
+    A closed loop of 64 clients sending 16 texts each holds 1,024 texts in
+    flight, several seconds of work on a small CPU: in a fixed 10 s window its
+    clients would each finish a request or two, and the rate would read low
+    by whatever the window cuts off. The warmup lasts one round of every
+    client at least, the window ROUNDS_PER_WINDOW rounds."""
+    round_s = texts_in_flight / texts_per_s
+    return max(warmup_s, round_s), max(duration_s, ROUNDS_PER_WINDOW * round_s)
+
+
 def main() -> None:
     """Per level: Hearth, then the raw model, then infinity-emb; then report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -284,12 +303,17 @@ def main() -> None:
         started = CpuSample.now()
         with everyone_else:
             raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+            # How fast texts can go at best, to size the windows of the heavy levels.
+            ceiling = raw_model.throughput(max(BEST_RAW_BATCHES), args.raw_seconds).texts_per_s
         for inputs in input_counts:
             for concurrency in concurrencies:
+                warmup, duration = level_window(
+                    args.warmup, args.duration, concurrency * inputs, ceiling
+                )
                 with hearth_only:
                     stack.clear_batch_sizes()
                     summary = run_level(
-                        stack.url, "/v1/embeddings", concurrency, inputs, args.warmup, args.duration
+                        stack.url, "/v1/embeddings", concurrency, inputs, warmup, duration
                     )
                     level = as_level(summary, stack.batch_sizes())
                 # The raw model right after, at the batch the worker formed and at
@@ -308,8 +332,8 @@ def main() -> None:
                             infinity.path,
                             concurrency,
                             inputs,
-                            args.warmup,
-                            args.duration,
+                            warmup,
+                            duration,
                         )
                     peer = as_level(summary)
                 rows.append(Row(level, peer, near))

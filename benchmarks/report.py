@@ -264,7 +264,9 @@ def render(
         f" above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",
         "",
         "Closed loop from one load-generator process (aiohttp) on the same machine, the same"
-        " requests for every contender. Errors are failed/completed requests; mean batch is"
+        " requests for every contender. A level lasts `--duration`, or three rounds of every"
+        " client where more texts are in flight than that allows. Errors are"
+        " failed/completed requests; mean batch is"
         " texts per forward pass in Hearth's worker. The raw model is timed right after each"
         " Hearth level, at the worker's mean batch and at its best batch sizes: Hearth / raw"
         " divides Hearth's inputs/s by those timings; Hearth / inf divides requests/s.",
