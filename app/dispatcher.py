@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 POLL_S = 1.0  # how long a reply may be missing before the job's record is read
 SWEEP_S = 0.25  # how often waits are checked: deadlines are kept this closely
 OUTCOME_FIELDS = ("status", "result", "error", "started_at", "finished_at")
+SUBMIT_COMMANDS = 3  # a job's record, its expiry, its stream entry
 
 
 @dataclass(eq=False)
@@ -210,6 +211,7 @@ class Dispatcher:
         batch, self._submits = self._submits, []
         pipe = self.redis.pipeline(transaction=False)
         for job, ttl, _ in batch:
+            # SUBMIT_COMMANDS commands per job, the stream entry's id the last reply.
             key = self.keys.job(job.id)
             pipe.hset(key, mapping=job.hash_fields())
             pipe.expire(key, ttl)
@@ -229,12 +231,13 @@ class Dispatcher:
         for index, (*_, future) in enumerate(batch):
             if future.done():  # its request went away meanwhile
                 continue
-            written = replies[3 * index : 3 * index + 3]
+            start = SUBMIT_COMMANDS * index
+            written = replies[start : start + SUBMIT_COMMANDS]
             error = next((reply for reply in written if isinstance(reply, Exception)), None)
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(written[2])
+                future.set_result(written[-1])
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""
