@@ -40,7 +40,7 @@ import psutil
 import redis
 from peers import Infinity, packaged_model_dir, wait_until_answers
 from rawmodel import RawModel
-from report import BEST_RAW_BATCHES, Level, Raw, Row, render, write_section
+from report import BEST_RAW_BATCHES, IDLE_MS, Level, Raw, Row, render, write_section
 
 from hearth.embedded_redis import EmbeddedRedis, free_port
 from hearth.processes import child_options, stop
@@ -303,6 +303,7 @@ def main() -> None:
         started = CpuSample.now()
         with everyone_else:
             raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+            raw.idle_p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2, IDLE_MS)
             # How fast texts can go at best, to size the windows of the heavy levels.
             ceiling = raw_model.throughput(max(BEST_RAW_BATCHES), args.raw_seconds).texts_per_s
         for inputs in input_counts:
@@ -342,7 +343,9 @@ def main() -> None:
             # Once more, next to the last levels: the two raw latencies bracket the run.
             with everyone_else:
                 again = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
+                idle_again = raw_model.latency_ms(args.warmup / 2, args.duration / 2, IDLE_MS)
             raw.p50_ms = min(raw.p50_ms, again)
+            raw.idle_p50_ms = min(raw.idle_p50_ms, idle_again)
         foreign = started.foreign_share(CpuSample.now())
         peer_versions = (
             f"infinity-emb {infinity.version} (torch {infinity.torch_version})"

@@ -5,7 +5,7 @@ threads and OpenMP environment) and answers measurement requests, one JSON
 line in, one JSON line out, so the benchmark can time it between its other
 measurements, under the same conditions as they ran:
 
-    {"op": "latency", "warmup": 1.0, "seconds": 5.0}  → {"p50_ms": ...}
+    {"op": "latency", "warmup": 1.0, "seconds": 5.0, "idle_ms": 0}  → {"p50_ms": ...}
     {"op": "throughput", "batch": 32, "seconds": 3.0} → {"texts_per_s": ..., "ms_per_call": ...}
 
 ``RawModel`` starts it and talks to it; run as a script it is the server.
@@ -73,9 +73,10 @@ class RawModel:
         self.process.stdin.flush()
         return self._read()
 
-    def latency_ms(self, warmup_s: float, seconds: float) -> float:
-        """p50 of one-text calls, in ms."""
-        return float(self._ask(op="latency", warmup=warmup_s, seconds=seconds)["p50_ms"])
+    def latency_ms(self, warmup_s: float, seconds: float, idle_ms: float = 0.0) -> float:
+        """p50 of one-text calls, in ms: back to back, or each after ``idle_ms`` idle."""
+        answer = self._ask(op="latency", warmup=warmup_s, seconds=seconds, idle_ms=idle_ms)
+        return float(answer["p50_ms"])
 
     def throughput(self, batch_size: int, seconds: float) -> RawResult:
         """Texts per second of back-to-back calls of ``batch_size`` texts."""
@@ -116,12 +117,15 @@ def _serve() -> None:
     def batch(size: int, offset: int) -> list[str]:
         return [SENTENCES[(offset + i) % len(SENTENCES)] for i in range(size)]
 
-    def latency(warmup: float, seconds: float) -> dict[str, float]:
+    def latency(warmup: float, seconds: float, idle_ms: float) -> dict[str, float]:
         latencies: list[float] = []
         warm_until = time.perf_counter() + warmup
         end = warm_until + seconds
         call = 0
-        while (now := time.perf_counter()) < end:
+        while time.perf_counter() < end:
+            if idle_ms:
+                time.sleep(idle_ms / 1000)
+            now = time.perf_counter()
             model.embed(batch(1, call))
             call += 1
             if now >= warm_until:
@@ -141,7 +145,7 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "latency":
-            answer = latency(request["warmup"], request["seconds"])
+            answer = latency(request["warmup"], request["seconds"], request.get("idle_ms", 0.0))
         else:
             answer = throughput(int(request["batch"]), request["seconds"])
         print(json.dumps(answer), flush=True)
