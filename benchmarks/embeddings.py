@@ -83,6 +83,10 @@ class CpuSample:
             own += times.user + times.system + times.children_user + times.children_system
         return cls(time.monotonic(), busy, own)
 
+    def busy_share(self, later: CpuSample) -> float:
+        """Share of all cores busy between this sample and ``later``, whoever used them."""
+        return (later.busy_s - self.busy_s) / ((later.at - self.at) * (os.cpu_count() or 1))
+
     def foreign_share(self, later: CpuSample) -> float:
         """Share of all cores that other processes used between this sample and ``later``.
 
@@ -146,6 +150,16 @@ class Stack:
         raw = self.redis.hgetall(Keys(NAMESPACE).batch_sizes(model))
         return {int(size): int(count) for size, count in raw.items()}
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user and system) each part has used so far, by part."""
+        assert self.server.process is not None
+        parts = {
+            "worker": self.children["worker"].pid,
+            "api": self.children["api"].pid,
+            "redis": self.server.process.pid,
+        }
+        return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in parts.items()}
+
     def clear_batch_sizes(self, model: str = MODEL_ID) -> None:
         """Reset ``model``'s batch-size counters before a measurement."""
         assert self.redis is not None
@@ -208,7 +222,23 @@ def run_level(
     return summary
 
 
-def as_level(summary: dict[str, Any], batch_sizes: dict[int, int] | None = None) -> Level:
+def cpu_per_request(
+    before: dict[str, float], after: dict[str, float], summary: dict[str, Any]
+) -> dict[str, float]:
+    """Milliseconds of CPU per request of each Hearth part and of the load generator,
+    over a level's whole run (warmup included)."""
+    used = {name: after[name] - before[name] for name in after}
+    used["loadgen"] = summary["cpu_s"]
+    completed = max(1, summary["completed"])
+    return {name: seconds * 1000 / completed for name, seconds in used.items()}
+
+
+def as_level(
+    summary: dict[str, Any],
+    batch_sizes: dict[int, int] | None = None,
+    cpu_ms: dict[str, float] | None = None,
+    busy: float | None = None,
+) -> Level:
     return Level(
         concurrency=summary["concurrency"],
         inputs=summary["inputs"],
@@ -221,6 +251,8 @@ def as_level(summary: dict[str, Any], batch_sizes: dict[int, int] | None = None)
         p99_ms=summary["p99_ms"],
         error_sample=summary["error_sample"],
         batch_sizes=batch_sizes or {},
+        cpu_ms=cpu_ms or {},
+        busy=busy,
     )
 
 
@@ -313,10 +345,13 @@ def main() -> None:
                 )
                 with hearth_only:
                     stack.clear_batch_sizes()
+                    cpu_before, machine_before = stack.cpu_seconds(), CpuSample.now()
                     summary = run_level(
                         stack.url, "/v1/embeddings", concurrency, inputs, warmup, duration
                     )
-                    level = as_level(summary, stack.batch_sizes())
+                    busy = machine_before.busy_share(CpuSample.now())
+                    cpu_ms = cpu_per_request(cpu_before, stack.cpu_seconds(), summary)
+                    level = as_level(summary, stack.batch_sizes(), cpu_ms, busy)
                 # The raw model right after, at the batch the worker formed and at
                 # the sizes that give its best throughput.
                 with everyone_else:

@@ -13,11 +13,14 @@ Only requests that complete inside the measured window (after the warmup,
 before its end) count. Prints one JSON line:
 
     {"concurrency", "inputs", "requests", "errors", "rps", "inputs_per_s",
-     "p50_ms", "p90_ms", "p99_ms", "error_sample"}
+     "p50_ms", "p90_ms", "p99_ms", "error_sample", "completed", "cpu_s"}
 
 ``requests`` counts every request completed in the window, ``errors`` those
 that got a non-200 status or raised; ``rps``, ``inputs_per_s`` (``rps`` times
 ``inputs``) and the latency percentiles are over the successful ones.
+``completed`` counts the requests of the whole run, warmup included, and
+``cpu_s`` is the CPU time this process spent sending them: with the server's
+own CPU time over the same run, what each request cost every process.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ async def generate(
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     endpoint = f"{url.rstrip('/')}{path}"
+    cpu_started = time.process_time()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         start = time.perf_counter()
         window_start = start + warmup_s
@@ -139,7 +143,10 @@ async def generate(
             for _ in range(concurrency)
         ]
         await asyncio.gather(*tasks)
-    return summarize(records, concurrency, window_start, window_end, inputs)
+    summary = summarize(records, concurrency, window_start, window_end, inputs)
+    summary["completed"] = len(records)
+    summary["cpu_s"] = time.process_time() - cpu_started
+    return summary
 
 
 def main() -> None:

@@ -52,6 +52,17 @@ class Level:
     p99_ms: float
     error_sample: str | None
     batch_sizes: dict[int, int]  # Hearth: texts per forward pass → how many passes
+    # Hearth: ms of CPU per request by process (worker, api, redis, loadgen), and
+    # the share of all cores busy during the level.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
+    busy: float | None = None
+
+    @property
+    def cpu_bound_inputs_per_s(self) -> float | None:
+        """The most texts per second the machine's cores could carry at this CPU
+        cost per request, were they busy all the time."""
+        total = sum(self.cpu_ms.values())
+        return (os.cpu_count() or 1) * 1000 / total * self.inputs if total else None
 
     @property
     def mean_batch(self) -> float | None:
@@ -191,6 +202,49 @@ def _row(row: Row) -> str:
     return f"| {' | '.join(cells)} |"
 
 
+CPU_PARTS = (("worker", "worker"), ("api", "API"), ("redis", "Redis"), ("loadgen", "load gen."))
+
+
+def _cpu_lines(rows: list[Row], raw: Raw, torch_threads: int) -> list[str]:
+    """Where Hearth's CPU goes per request, and what that allows at most."""
+    measured = [row for row in rows if row.hearth.cpu_ms]
+    if not measured:
+        return []
+    best = max(raw.table(), key=lambda r: r.texts_per_s)
+    table = []
+    for row in measured:
+        level, bound = row.hearth, row.hearth.cpu_bound_inputs_per_s
+        cells = [
+            str(level.inputs),
+            str(level.concurrency),
+            *(_fmt(level.cpu_ms.get(part), 2) for part, _ in CPU_PARTS),
+            _fmt(sum(level.cpu_ms.values()), 2),
+            f"{level.busy:.0%}" if level.busy is not None else "n/a",
+            _fmt(bound, 0),
+            _fmt(bound / row.raw_best.texts_per_s if bound else None, 2),
+            _fmt(row.vs_raw_best, 2),
+        ]
+        table.append("| " + " | ".join(cells) + " |")
+    return [
+        "",
+        "### Where Hearth's CPU goes",
+        "",
+        "Milliseconds of CPU per request, each process over the level's whole run (warmup"
+        " included). Busy: the share of all cores in use, by anyone. CPU bound: the texts per"
+        " second the cores could carry at this cost per request were they busy all the time;"
+        " divided by the raw best next to the level, it is the most Hearth / raw best could be"
+        " at this cost, whatever the scheduling. For scale: the raw model at its best batch"
+        f" ({best.batch_size}) holds its {torch_threads} thread(s) for"
+        f" {torch_threads * 1000 / best.texts_per_s:.2f} core-ms per text.",
+        "",
+        "| texts per request | conc. | "
+        + " | ".join(name for _, name in CPU_PARTS)
+        + " | total | busy | CPU bound inputs/s | bound / raw best | Hearth / raw best |",
+        "|" + "---:|" * (len(CPU_PARTS) + 7),
+        *table,
+    ]
+
+
 def _verdict(met: bool) -> str:
     return "**met**" if met else "**NOT met**"
 
@@ -289,6 +343,7 @@ def render(
             "|" + "---:|" * 17,
             *(_row(row) for row in rows if row.hearth.inputs == inputs),
         ]
+    lines += _cpu_lines(rows, raw, torch_threads)
     lines += [
         "",
         "### Raw model, in its own process (fastest timing per batch size)",
