@@ -50,7 +50,10 @@ from workers.images import ImageRunner
 from workers.protocol import Job, JobStatus, JobType, Keys
 
 HERE = Path(__file__).resolve().parent
-ROUNDS = 3  # raw and Hearth rounds alternate this many times; the best of each counts
+# Raw and Hearth rounds alternate this many times; the best of each counts, and
+# the median of the pairs. On a shared 2-core machine one minute runs up to 25%
+# slower than the next: three rounds a side left the verdicts to chance.
+ROUNDS = 5
 WARMUP = 3  # unmeasured images per model and side before the first round
 ROUND_WARMUP = 1  # and before every later one (Hearth: a new connection)
 CONCURRENCY = 8
