@@ -355,8 +355,8 @@ def render(
         f"Raw batch-1 latency p50: {raw.p50_ms:.2f} ms back to back (the baseline of the"
         f" latency target); {raw.idle_p50_ms:.2f} ms when the model sits idle {IDLE_MS:g} ms"
         " before each call, as a worker does between the requests of a lone client. The"
-        " difference is what waking up after idle costs on this machine (cores, caches and"
-        " OpenMP threads gone cold); Hearth's p50 at concurrency 1 includes it.",
+        " difference is what a call after idle costs more on this machine; Hearth's p50 at"
+        " concurrency 1 pays it too.",
         "",
         "### Targets",
         "",
