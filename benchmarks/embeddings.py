@@ -38,6 +38,7 @@ from typing import Any
 
 import psutil
 import redis
+import wakeup
 from peers import Infinity, packaged_model_dir, wait_until_answers
 from rawmodel import RawModel
 from report import BEST_RAW_BATCHES, IDLE_MS, Level, Raw, Row, render, write_section
@@ -334,6 +335,8 @@ def main() -> None:
                 run_level(infinity.url, infinity.path, 8, 1, args.warmup, args.warmup * 2)
         started = CpuSample.now()
         with everyone_else:
+            # What a hop between processes costs here, which a raw call never pays.
+            wake_up = wakeup.summary(wakeup.probe())
             raw.p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2)
             raw.idle_p50_ms = raw_model.latency_ms(args.warmup / 2, args.duration / 2, IDLE_MS)
             # How fast texts can go at best, to size the windows of the heavy levels.
@@ -389,7 +392,7 @@ def main() -> None:
         )
         threads = int(raw_model.info["torch_threads"])
 
-    section = render(command, MODEL_ID, threads, foreign, rows, raw, peer_versions)
+    section = render(command, MODEL_ID, threads, foreign, rows, raw, peer_versions, wake_up)
     print(section)
     write_section(args.output, section)
     print(f"wrote {args.output}")

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import psutil
 import torch
+import wakeup
 from embeddings import NAMESPACE, READY_TIMEOUT_S, STOP_TIMEOUT_S, CpuSample, Stack, command_line
 from imagejob import image_input
 from imageload import Sent, closed_loop, job_phases, sequential
@@ -232,6 +233,7 @@ def main() -> None:
             placement = choose_placement("cpu")
             pipes = {m: load_text_to_image(store / m, placement, cache) for m in DEMO_MODEL_IDS}
             runners = {m: ImageRunner(m, pipe, MAX_BATCH_IMAGES) for m, pipe in pipes.items()}
+            wake_up = wakeup.summary(wakeup.probe())
             samples.append(CpuSample.now())
             overheads = [
                 measure_overhead(stack, runner, size, args.steps, count)
@@ -272,6 +274,7 @@ def main() -> None:
         ROUNDS,
         WARMUP,
         foreign,
+        wake_up,
     )
     section = render(setup, overheads, batching, memory)
     print(section)

@@ -128,6 +128,7 @@ class Setup:
     rounds: int
     warmup: int
     foreign: dict[str, float]  # phase → share of all cores other processes used
+    wake_up: str  # wakeup.summary() of a probe before the measurements
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -252,6 +253,7 @@ def render(
         f"- Command: `{setup.command}`",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine(setup.threads)}",
+        f"- Wake-up: {setup.wake_up}",
         f"- Versions: {versions}",
         f"- Torch threads: {setup.threads}, in this process (`torch.set_num_threads`) and in "
         f"the worker (`HEARTH_TORCH_THREADS={setup.threads}`)",

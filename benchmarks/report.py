@@ -296,10 +296,12 @@ def render(
     rows: list[Row],
     raw: Raw,
     peer_versions: str,
+    wake_up: str,
 ) -> str:
     """The Embeddings section as Markdown, markers included.
 
-    ``foreign`` is the share of all cores other processes used during the run.
+    ``foreign`` is the share of all cores other processes used during the run;
+    ``wake_up`` is ``wakeup.summary()`` of a probe taken with every server stopped.
     """
     versions = (
         f"Python {platform.python_version()}, torch {metadata.version('torch')}, "
@@ -313,6 +315,7 @@ def render(
         f"- Command: `{command}`",
         f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine(torch_threads)}",
+        f"- Wake-up: {wake_up}",
         f"- Versions: {versions}",
         f"- Model: {model_id} (the packaged folder, served by every contender); requests of one"
         " sentence (11-14 words) or a list of 16, from 64 distinct sentences cycled",
