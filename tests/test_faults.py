@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from hearth.embedded_redis import EmbeddedRedis
+from tests.conftest import WEBHOOK_SECRET
 from tests.support import Process, hearth_env, start_api, wait_for
+from tests.test_jobs import Receiver
 from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
@@ -64,6 +67,7 @@ def site(demo_store: Path, tmp_path: Path) -> Iterator[Site]:
         HEARTH_MAX_ATTEMPTS="3",
         HEARTH_TORCH_THREADS="1",
         HEARTH_MAX_BATCH_IMAGES="2",
+        HEARTH_WEBHOOK_SECRET=WEBHOOK_SECRET,
     )
     client = redis.Redis.from_url(server.url)
     site = Site(tmp_path, server, env, client, [])
@@ -76,8 +80,13 @@ def site(demo_store: Path, tmp_path: Path) -> Iterator[Site]:
         server.stop()
 
 
-def submit(url: str, body: dict[str, Any]) -> str:
-    response = httpx.post(f"{url}/v1/jobs", json={"type": "images.generations", "input": body})
+def submit(
+    url: str, body: dict[str, Any], kind: str = "images.generations", webhook: str | None = None
+) -> str:
+    job: dict[str, Any] = {"type": kind, "input": body}
+    if webhook is not None:
+        job["webhook"] = webhook
+    response = httpx.post(f"{url}/v1/jobs", json=job)
     assert response.status_code == 202, response.text
     job_id: str = response.json()["id"]
     return job_id
@@ -146,7 +155,16 @@ def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
     assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
 
 
-def test_a_poison_job_goes_to_the_dead_letters_and_the_rest_succeed(site: Site) -> None:
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver([])
+    yield server
+    server.close()
+
+
+def test_a_poison_job_goes_to_the_dead_letters_and_the_rest_succeed(
+    site: Site, receiver: Receiver
+) -> None:
     worker = site.start("worker")
     _api, url = site.api()
     wait_for(f"{url}/readyz", [worker])
@@ -169,6 +187,7 @@ def test_a_poison_job_goes_to_the_dead_letters_and_the_rest_succeed(site: Site) 
             "response_format": "b64_json",
         },
         deadline=time.time() + 120,
+        webhook=receiver.url,
     )
     good = {"model": "demo-dit", "prompt": "fine", "num_inference_steps": 4}
     before = [submit(url, {**good, "seed": seed}) for seed in range(3)]
@@ -186,6 +205,73 @@ def test_a_poison_job_goes_to_the_dead_letters_and_the_rest_succeed(site: Site) 
     assert len(letters) == 1
     assert Job.from_json(letters[0][1][b"job"]).id == poison.id
     assert worker.popen.poll() is None  # the worker lives on
+    # Its webhook hears of the end, once: the attempts before it were retried.
+    receiver.wait(1)
+    time.sleep(1)
+    assert [orjson.loads(body)["status"] for _, body in receiver.received] == ["failed"]
+
+
+def test_a_batch_held_behind_another_models_is_not_taken_over(site: Site) -> None:
+    # One read can give a worker a batch of each of its models; it runs them one
+    # after the other, and holds the later ones claimed meanwhile.
+    site.env["HEARTH_MODELS"] = "demo-dit,all-minilm-l6-v2"  # the image batch first
+    _api, url = site.api()
+    # Long enough for the second worker to start and look for entries to take over.
+    body = {"model": "demo-dit", "prompt": "long", "size": "512x512", "num_inference_steps": 150}
+    image = submit(url, {**body, "seed": 1, "n": 2})
+    text = submit(url, {"model": "all-minilm-l6-v2", "input": "held"}, kind="embeddings")
+    quick_reclaim = {"HEARTH_RECLAIM_AFTER_S": "1.5"}
+    holder = site.start("worker", HEARTH_WORKER_NAME="holder", **quick_reclaim)
+    wait_running(url, [image])
+    # A second worker takes over what stays unacknowledged past HEARTH_RECLAIM_AFTER_S.
+    bystander = site.start(
+        "worker", HEARTH_MODELS="all-minilm-l6-v2", HEARTH_WORKER_NAME="bystander", **quick_reclaim
+    )
+    jobs = wait_all(url, [image, text])
+    holder.check_alive()
+    bystander.check_alive()
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert jobs[text]["attempts"] == 1
+    assert site.client.hget(Keys(NAMESPACE).job(text), "worker") == b"holder"
+
+
+def test_a_stalled_worker_and_the_one_that_took_over_tell_the_webhook_once(
+    site: Site, receiver: Receiver
+) -> None:
+    quick_reclaim = {"HEARTH_RECLAIM_AFTER_S": "1.5"}
+    workers = {
+        name: site.start("worker", HEARTH_WORKER_NAME=name, **quick_reclaim)
+        for name in ("first", "second")
+    }
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", list(workers.values()))
+    body = {"model": "demo-dit", "prompt": "stall", "size": "512x512", "num_inference_steps": 60}
+    job_id = submit(url, {**body, "seed": 3}, webhook=receiver.url)
+    wait_running(url, [job_id])
+    key = Keys(NAMESPACE).job(job_id)
+    stalled = site.client.hget(key, "worker")
+    assert stalled is not None
+    other = next(name for name in workers if name != stalled.decode())
+    os.kill(workers[stalled.decode()].pid, signal.SIGSTOP)  # mid-run, past its lease
+    try:
+        deadline = time.monotonic() + 60
+        while site.client.hget(key, "worker") != other.encode():
+            assert time.monotonic() < deadline, "the job was not taken over"
+            time.sleep(0.05)
+    finally:
+        os.kill(workers[stalled.decode()].pid, signal.SIGCONT)
+    # Both runs end; the first to store the job tells the webhook, the other nothing.
+    job = wait_all(url, [job_id])[job_id]
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2
+    receiver.wait(1)
+    stream = Keys(NAMESPACE).stream("demo-dit")
+    deadline = time.monotonic() + 90
+    while site.client.xpending(stream, CONSUMER_GROUP)["pending"]:  # until both runs are done
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(3)  # the slower run may still be storing
+    assert [orjson.loads(body)["status"] for _, body in receiver.received] == ["succeeded"]
 
 
 def test_sigterm_drains_the_running_batch(site: Site) -> None:

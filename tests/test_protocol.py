@@ -12,6 +12,7 @@ from workers import protocol
 from workers.protocol import (
     ENQUEUE_SCRIPT,
     FINISH_SCRIPT,
+    LEASE_SCRIPT,
     RETRY_SCRIPT,
     START_SCRIPT,
     TERMINAL_STATUSES,
@@ -125,16 +126,40 @@ def test_start_counts_attempts_and_skips_ended_jobs(
     retry = redis_client.register_script(RETRY_SCRIPT)
     key = _seed(redis_client, keys, make_job())
     events = keys.events("job")
-    assert start(keys=[key], args=[time.time(), events]) == [b"running", 1, b""]
+    assert start(keys=[key], args=[time.time(), events, "w1", 60]) == [b"running", 1, b""]
     # A failed attempt goes back to the queue, its error kept for the next start.
     assert retry(keys=[key], args=[b'{"message":"boom"}']) == 1
     assert redis_client.hget(key, "status") == b"queued"
-    assert start(keys=[key], args=[time.time(), events]) == [b"running", 2, b'{"message":"boom"}']
+    again = start(keys=[key], args=[time.time(), events, "w1", 60])
+    assert again == [b"running", 2, b'{"message":"boom"}']
     redis_client.hset(key, "status", "cancelled")
-    assert start(keys=[key], args=[time.time(), events]) == [b"cancelled", 0, b""]
+    assert start(keys=[key], args=[time.time(), events, "w1", 60]) == [b"cancelled", 0, b""]
     assert retry(keys=[key], args=[b"{}"]) == 0  # only a running job is put back
     missing = keys.job("job_missing")
-    assert start(keys=[missing], args=[time.time(), events]) == [b"missing", 0, b""]
+    assert start(keys=[missing], args=[time.time(), events, "w1", 60]) == [b"missing", 0, b""]
+
+
+def test_start_leaves_a_job_to_the_live_worker_running_it(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    start = redis_client.register_script(START_SCRIPT)
+    lease = redis_client.register_script(LEASE_SCRIPT)
+    key = _seed(redis_client, keys, make_job())
+    events = keys.events("job")
+    assert start(keys=[key], args=[time.time(), events, "w1", 0.5]) == [b"running", 1, b""]
+    # Another worker that meets the entry while w1's lease runs leaves it alone.
+    assert start(keys=[key], args=[time.time(), events, "w2", 0.5]) == [b"busy", 0, b""]
+    assert redis_client.hget(key, "worker") == b"w1"
+    assert lease(keys=[key], args=["w2", 0.5]) == 0  # only the holder extends it
+    assert lease(keys=[key], args=["w1", 0.5]) == 1
+    time.sleep(0.3)
+    assert start(keys=[key], args=[time.time(), events, "w2", 0.5])[0] == b"busy"
+    time.sleep(0.4)  # w1 went silent: its lease ran out, the job is taken over
+    assert start(keys=[key], args=[time.time(), events, "w2", 0.5]) == [b"running", 2, b""]
+    assert redis_client.hget(key, "worker") == b"w2"
+    # A worker restarted under its own name takes its running job back at once.
+    assert start(keys=[key], args=[time.time(), events, "w2", 0.5]) == [b"running", 3, b""]
 
 
 def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespace: str) -> None:

@@ -260,17 +260,39 @@ def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> No
 # Scripts keep status changes atomic per job, so that a redelivered or late
 # worker never flips a terminal status and a cancelled job never starts.
 
-# KEYS[1] job hash; ARGV: now, events channel. Returns {status, attempts,
-# last error} after the attempt, and announces the start on the job's events
-# channel. A job found running was taken over from a worker that went silent.
+# KEYS[1] job hash; ARGV: now, events channel, worker name, lease seconds.
+# Returns {status, attempts, last error} after the attempt, and announces the
+# start on the job's events channel. A job found running was taken over from a
+# worker that went silent; one running under another worker whose lease has not
+# run out is left to it ('busy'). The lease is kept on Redis's clock, so workers
+# with skewed clocks agree on it.
 START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0, ''} end
 if status ~= 'queued' and status ~= 'running' then return {status, 0, ''} end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+if status == 'running' then
+  local holder = redis.call('HGET', KEYS[1], 'worker')
+  local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+  if holder and holder ~= ARGV[3] and lease > now then return {'busy', 0, ''} end
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1], 'worker', ARGV[3],
+  'lease_until', tostring(now + tonumber(ARGV[4])))
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('PUBLISH', ARGV[2], '{"event":"started","attempts":' .. attempts .. '}')
 return {'running', attempts, redis.call('HGET', KEYS[1], 'last_error') or ''}
+"""
+
+# KEYS[1] job hash; ARGV: worker name, lease seconds. Extends the lease of a
+# job this worker is running (see START_SCRIPT); returns 0 for any other job.
+LEASE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+redis.call('HSET', KEYS[1], 'lease_until', tostring(now + tonumber(ARGV[2])))
+return 1
 """
 
 # KEYS[1] job hash; ARGV: progress JSON, events channel, event. Records and

@@ -45,6 +45,7 @@ from workers.metrics import WorkerMetrics
 from workers.protocol import (
     CONSUMER_GROUP,
     FINISH_SCRIPT,
+    LEASE_SCRIPT,
     PROGRESS_SCRIPT,
     RETRY_SCRIPT,
     START_SCRIPT,
@@ -72,6 +73,16 @@ DEFAULT_EMBEDDING_BATCH_WAIT_MS = {"cpu": 10.0, "cuda": 0.0}
 DEAD_LETTERS_KEPT = 10_000
 RETRY_PAUSE_S = 1.0
 CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
+PENDING_MARGIN = 1000  # other pending entries of this worker a batch's range may hold
+
+
+def _job_id(entry: tuple[bytes, dict[bytes, bytes]]) -> str | None:
+    """The id of the job in a stream entry; None for a malformed entry."""
+    try:
+        job_id = orjson.loads(entry[1][b"job"])["id"]
+    except (KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+    return job_id if isinstance(job_id, str) else None
 
 
 class Runner(Protocol):
@@ -236,8 +247,7 @@ class Worker:
     async def _consume(self) -> None:
         while not self._stopping.is_set():
             try:
-                for model_id, entries in await self._read():
-                    await self._run_batch(model_id, entries)
+                await self._run_batches(await self._read())
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 logger.warning("worker %s: Redis unreachable (%s); retrying", self.name, exc)
                 await self._pause()
@@ -388,16 +398,39 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), RETRY_PAUSE_S)
 
+    async def _run_batches(self, batches: list[tuple[str, Entries]]) -> None:
+        """Run the batches of one read, one after the other.
+
+        Every entry stays claimed from the read until its batch is done: a batch
+        waiting for the one before it to finish is held, not abandoned, and no
+        other worker may take it over meanwhile.
+        """
+        holds = [
+            asyncio.create_task(self._keep_claimed(self.keys.stream(model_id), entries))
+            for model_id, entries in batches
+        ]
+        try:
+            for (model_id, entries), hold in zip(batches, holds, strict=True):
+                await self._run_batch(model_id, entries)
+                hold.cancel()
+        finally:
+            for hold in holds:
+                hold.cancel()
+            await asyncio.gather(*holds, return_exceptions=True)
+
     async def _run_batch(self, model_id: str, entries: Entries) -> None:
         """Start, run, store and acknowledge one batch of one model's entries."""
         stream = self.keys.stream(model_id)
         entry_ids = [entry_id for entry_id, _ in entries]
         jobs: list[Job] = []
+        entry_of: dict[str, bytes] = {}
         for entry_id, fields in entries:
             try:
                 jobs.append(Job.from_json(fields[b"job"]))
             except (KeyError, ValueError) as exc:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
+                continue
+            entry_of[jobs[-1].id] = entry_id
 
         started = time.time()
         # A batch nobody follows step by step is computed while its jobs are
@@ -411,7 +444,8 @@ class Worker:
         if jobs and self._unfollowed(model_id, jobs):
             early = self._compute(model_id, jobs)
         try:
-            runnable, outcomes, attempts = await self._start_jobs(jobs)
+            runnable, outcomes, attempts, busy = await self._start_jobs(jobs)
+            held_elsewhere = {entry_of[job_id] for job_id in busy}
         except BaseException:
             if early is not None:  # the batch stays pending; the thread must be free
                 await asyncio.gather(early, return_exceptions=True)
@@ -420,16 +454,12 @@ class Worker:
             self.metrics.queued_seconds.labels(model_id).observe(max(0.0, started - job.created_at))
         sizes: list[int] = []
         if runnable:
-            keep_claimed = asyncio.create_task(self._keep_claimed(stream, entry_ids))
-            try:
-                if early is None:
-                    results, sizes = await self._compute(model_id, runnable)
-                else:
-                    every, sizes = await early
-                    by_id = dict(zip((job.id for job in jobs), every, strict=True))
-                    results = [by_id[job.id] for job in runnable]
-            finally:
-                keep_claimed.cancel()
+            if early is None:
+                results, sizes = await self._compute(model_id, runnable)
+            else:
+                every, sizes = await early
+                by_id = dict(zip((job.id for job in jobs), every, strict=True))
+                results = [by_id[job.id] for job in runnable]
             outcomes.update(zip((job.id for job in runnable), results, strict=True))
             # Progress reports queued during the run land before the outcome does.
             await asyncio.gather(*self._progress_writes, return_exceptions=True)
@@ -438,6 +468,7 @@ class Worker:
 
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
+        stored: dict[str, int] = {}  # job id → index of its FINISH in the pipeline
         for job in jobs:
             outcome = outcomes.get(job.id)
             if outcome is None:
@@ -448,19 +479,24 @@ class Worker:
             if outcome.retryable:
                 outcome = self._give_up(pipe, job, outcome, attempts[job.id])
             self._store(pipe, job, outcome, started, now)
+            stored[job.id] = len(pipe) - 1
             self.metrics.jobs.labels(model_id, outcome.status.value).inc()
             self.metrics.run_seconds.labels(model_id).observe(now - started)
-        pipe.xack(stream, CONSUMER_GROUP, *entry_ids)
-        pipe.xdel(stream, *entry_ids)
+        # An entry whose job another live worker is running stays where it is: that
+        # worker acknowledges it, or, should it die, the next one takes it over.
+        done = [entry_id for entry_id in entry_ids if entry_id not in held_elsewhere]
+        if done:
+            pipe.xack(stream, CONSUMER_GROUP, *done)
+            pipe.xdel(stream, *done)
         for size in sizes:
             pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
             self.metrics.batch_size.labels(model_id).observe(size)
-        await pipe.execute()
+        replies = await pipe.execute()
         for job in jobs:
             self.cancelled.pop(job.id, None)
-            outcome = outcomes.get(job.id)
-            retried = outcome is not None and outcome.retryable
-            if job.webhook and outcome is not None and not retried:
+            # Only the worker whose FINISH ended the job tells its webhook: a job
+            # that a late or redelivered run finds ended was told already.
+            if job.webhook and job.id in stored and replies[stored[job.id]] == 1:
                 self.webhooks.send(job.id, job.webhook)
 
     def _unfollowed(self, model_id: str, jobs: list[Job]) -> bool:
@@ -469,13 +505,37 @@ class Worker:
             return True
         return all(job.reply_to is not None and not job.webhook for job in jobs)
 
-    async def _keep_claimed(self, stream: str, entry_ids: list[bytes]) -> None:
-        """While a long batch runs, keep its entries fresh so no other worker takes them."""
+    async def _keep_claimed(self, stream: str, entries: Entries) -> None:
+        """While this worker holds ``entries`` (waiting or running), keep them and
+        the leases of their running jobs fresh, so no other worker takes them over.
+
+        Only entries still this worker's are refreshed: one that another worker
+        took over while this one was stalled is left to it.
+        """
+        entry_ids = [entry_id for entry_id, _ in entries]
+        job_keys = [self.keys.job(job_id) for job_id in map(_job_id, entries) if job_id]
+        lease_s = self.settings.reclaim_after_s
         while True:
-            await asyncio.sleep(self.settings.reclaim_after_s / 3)
+            await asyncio.sleep(lease_s / 3)
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                ids: list[int | bytes | str | memoryview[int]] = list(entry_ids)
-                await self.redis.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
+                pending = await self.redis.xpending_range(
+                    stream,
+                    CONSUMER_GROUP,
+                    min=min(entry_ids),
+                    max=max(entry_ids),
+                    count=len(entry_ids) + PENDING_MARGIN,
+                    consumername=self.name,
+                )
+                mine = {cast(bytes, entry["message_id"]) for entry in pending}
+                ids: list[int | bytes | str | memoryview[int]] = [
+                    entry_id for entry_id in entry_ids if entry_id in mine
+                ]
+                pipe = self.redis.pipeline(transaction=False)
+                if ids:
+                    pipe.xclaim(stream, CONSUMER_GROUP, self.name, 0, ids, justid=True)
+                for key in job_keys:
+                    queue_script(pipe, LEASE_SCRIPT, [key], [self.name, lease_s])
+                await pipe.execute()
 
     def _retry(self, pipe: Any, job: Job, outcome: Outcome) -> None:
         """Queue another attempt: back to queued, as a new entry at the stream's end."""
@@ -511,20 +571,25 @@ class Worker:
 
     async def _start_jobs(
         self, jobs: list[Job]
-    ) -> tuple[list[Job], dict[str, Outcome], dict[str, int]]:
+    ) -> tuple[list[Job], dict[str, Outcome], dict[str, int], set[str]]:
         """Mark jobs running. Returns those to run, outcomes for those that must not
-        (expired, or over the attempt limit), and each started job's attempt number."""
+        (expired, or over the attempt limit), each started job's attempt number,
+        and the ids of the jobs another live worker is running."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
-            queue_script(
-                pipe, START_SCRIPT, [self.keys.job(job.id)], [now, self.keys.events(job.id)]
-            )
+            args = [now, self.keys.events(job.id), self.name, self.settings.reclaim_after_s]
+            queue_script(pipe, START_SCRIPT, [self.keys.job(job.id)], args)
         replies = await pipe.execute()
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
         attempts: dict[str, int] = {}
+        busy: set[str] = set()
         for job, (status, attempt, last_error) in zip(jobs, replies, strict=True):
+            if status == b"busy":
+                logger.warning("job %s: not run, another live worker is running it", job.id)
+                busy.add(job.id)
+                continue
             if status != b"running":
                 # Cancelled, already finished by another worker, or its record expired.
                 logger.info("job %s: not run, status is %s", job.id, status.decode())
@@ -544,7 +609,7 @@ class Worker:
                 ended[job.id] = Outcome(JobStatus.FAILED, error=error, retryable=True)
             else:
                 runnable.append(job)
-        return runnable, ended, attempts
+        return runnable, ended, attempts, busy
 
     def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> None:
         for file_id, content in outcome.files.items():
