@@ -5,7 +5,8 @@ liveness, readiness and the docs needs ``Authorization: Bearer <key>``. Keys
 are compared in constant time and never logged or stored: Redis sees only a
 digest. With ``HEARTH_RATE_LIMIT_PER_S`` set, each key (or, without keys, each
 client address) gets a token bucket kept in Redis, so the limit holds across
-API replicas; past it, 429 with ``Retry-After``.
+API replicas; past it, 429 with ``Retry-After``. The key's digest also scopes
+the caller's ``Idempotency-Key`` headers, so that callers never share jobs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def key_digest(request: Request) -> str | None:
+    """The digest of the API key ``authorize`` accepted for ``request``; None
+    when the deployment sets no keys."""
+    digest: str | None = getattr(request.state, "key_digest", None)
+    return digest
+
+
 async def authorize(
     request: Request,
     state: StateDep,
@@ -65,7 +73,7 @@ async def authorize(
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        caller = _digest(given)
+        caller = request.state.key_digest = _digest(given)
     if settings.rate_limit_per_s:
         burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
         wait = float(

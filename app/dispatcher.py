@@ -5,7 +5,8 @@ workers publish there when a job it submitted ends, and the listener resolves
 the waiting request's future, so a waiting request costs no Redis traffic.
 Should a reply be missed (a dropped connection), a sweeper reads the record
 of each job waited on for longer than ``POLL_S`` and finds the outcome there;
-it also ends the waits that pass their deadline.
+it also ends the waits that pass their deadline, and those whose job's record
+is gone (Redis lost its data) at once.
 
 Jobs submitted at the same moment (a burst of requests handled in one turn of
 the event loop) travel to Redis in one pipeline.
@@ -26,7 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.errors import Overloaded
+from app.errors import Conflict, Overloaded, Unavailable
 from workers.protocol import (
     ENQUEUE_SCRIPT,
     FINISH_SCRIPT,
@@ -44,7 +45,27 @@ logger = logging.getLogger(__name__)
 POLL_S = 1.0  # how long a reply may be missing before the job's record is read
 SWEEP_S = 0.25  # how often waits are checked: deadlines are kept this closely
 OUTCOME_FIELDS = ("status", "result", "error", "started_at", "finished_at")
-SUBMIT_COMMANDS = 3  # a job's record, its expiry, its stream entry
+LOST: dict[str, Any] = {}  # what _read_outcomes gives for a job whose record is gone
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's ``Idempotency-Key``, and what it takes for a second request to
+    be the same one: the same caller, and the same ``request`` digest."""
+
+    caller: str  # the API key's digest, or one shared name when the deployment has no keys
+    key: str
+    request: str  # digest of the job type and the request's parameters
+
+
+class DeadlinePassed(TimeoutError):
+    """A synchronous wait ran past its deadline. ``cancelled``: the job was this
+    request's own, and is now cancelled; a job it only joined goes on."""
+
+    def __init__(self, job_id: str, cancelled: bool) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.cancelled = cancelled
 
 
 @dataclass(eq=False)
@@ -56,6 +77,7 @@ class _Waiter:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     since: float = field(default_factory=time.monotonic)
+    submitted: bool = False  # the job's record is written: from then on, a missing one was lost
 
 
 class Dispatcher:
@@ -68,8 +90,9 @@ class Dispatcher:
         self._waiting: dict[str, list[_Waiter]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._finish = redis.register_script(FINISH_SCRIPT)
-        # Submits not yet sent, and the pipelines sending the others.
-        self._submits: list[tuple[Job, int, asyncio.Future[bytes | None]]] = []
+        # Submits not yet sent (the job, its TTL, whether its record is written
+        # already), and the pipelines sending the others.
+        self._submits: list[tuple[Job, int, bool, asyncio.Future[bytes | None]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -106,7 +129,8 @@ class Dispatcher:
                 waiter.future.set_result(reply)
 
     async def _sweep(self) -> None:
-        """End the waits past their deadline; find the outcomes whose reply went missing."""
+        """End the waits past their deadline; find the outcomes whose reply went
+        missing, and the jobs Redis lost."""
         while True:
             await asyncio.sleep(SWEEP_S)
             try:
@@ -120,34 +144,50 @@ class Dispatcher:
                     if any(clock - waiter.since >= POLL_S for waiter in pending):
                         overdue.append(job_id)
                 if overdue:
-                    for reply in await self._read_outcomes(overdue):
-                        if reply is not None:
+                    outcomes = await self._read_outcomes(overdue)
+                    for job_id, reply in zip(overdue, outcomes, strict=True):
+                        if reply is LOST:
+                            self._lost(job_id)
+                        elif reply is not None:
                             self._resolve(reply)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("wait sweeper: Redis unreachable (%s)", exc)
             except Exception:  # the sweeper never dies: every wait depends on it
                 logger.exception("wait sweeper: check failed")
 
-    async def submit(self, job: Job, idempotency_key: str | None = None) -> str:
-        """Write the job's record and append it to its model's stream, in one round trip.
+    def _lost(self, job_id: str) -> None:
+        """End the waits on a job whose record is gone: Redis lost it (a restart
+        without persistence, a flush), so no outcome will ever come."""
+        for waiter in self._waiting.get(job_id, ()):
+            if waiter.submitted and not waiter.future.done():
+                waiter.future.set_exception(
+                    Unavailable(
+                        f"The job queue (Redis) lost job '{job_id}' before it ended; "
+                        "retry the request.",
+                        code="job_lost",
+                    )
+                )
 
-        Returns the id of the job now in charge: ``job``'s, or, when
-        ``idempotency_key`` was seen before, the job first submitted with it.
-        Raises Overloaded (429) when the model's queue is full.
+    async def submit(self, job: Job, idempotency: Idempotency | None = None) -> str:
+        """Write the job's record and append it to its model's stream, in one round trip
+        (two more with an Idempotency-Key).
+
+        Returns the id of the job now in charge: ``job``'s, or, when the caller
+        sent ``idempotency``'s key before, the job first submitted with it.
+        Raises Overloaded (429) when the model's queue is full, Conflict (409)
+        when the key came with another request or its job has expired.
         """
         ttl = self.result_ttl_s + int(job.deadline - job.created_at)
-        if idempotency_key is not None:
-            earlier = await self.redis.set(
-                self.keys.idempotency(idempotency_key), job.id, nx=True, ex=ttl, get=True
-            )
+        if idempotency is not None:
+            earlier = await self._claim(job, ttl, idempotency)
             if earlier is not None:
-                return cast(bytes, earlier).decode()
-        entry = await self._enqueue(job, ttl)
+                return earlier
+        entry = await self._enqueue(job, ttl, recorded=idempotency is not None)
         if entry is None:  # the queue is full: the record written first goes again
             cleanup = self.redis.pipeline(transaction=False)
             cleanup.delete(self.keys.job(job.id))
-            if idempotency_key is not None:
-                cleanup.delete(self.keys.idempotency(idempotency_key))
+            if idempotency is not None:
+                cleanup.delete(self.keys.idempotency(idempotency.caller, idempotency.key))
             await cleanup.execute()
             raise Overloaded(
                 f"The queue of model '{job.model}' is full ({self.max_queue_depth} jobs); "
@@ -157,26 +197,76 @@ class Dispatcher:
             )
         return job.id
 
-    async def run(self, job: Job, idempotency_key: str | None = None) -> dict[str, Any]:
+    async def _claim(self, job: Job, ttl: int, idempotency: Idempotency) -> str | None:
+        """Tie the caller's key to ``job``; or, when an earlier request holds it,
+        that request's job id.
+
+        ``job``'s record is written before the key is taken, so whoever finds the
+        key taken finds the record of the job it names, even while that job is
+        still on its way to the stream. Two round trips, not one pipeline: on
+        Redis Cluster the record and the key may live on different nodes, and a
+        pipeline would not keep their writes in order.
+        """
+        record = self.keys.job(job.id)
+        write = self.redis.pipeline(transaction=False)
+        write.hset(record, mapping=job.hash_fields())
+        write.expire(record, ttl)
+        await write.execute()
+        held = await self.redis.set(
+            self.keys.idempotency(idempotency.caller, idempotency.key),
+            f"{job.id} {idempotency.request}",
+            nx=True,
+            ex=ttl,
+            get=True,
+        )
+        if held is None:
+            return None
+        earlier, _, request = cast(bytes, held).decode().partition(" ")
+        check = self.redis.pipeline(transaction=False)
+        check.delete(record)  # this job will not run: the earlier one answers
+        check.exists(self.keys.job(earlier))
+        _, found = await check.execute()
+        if request != idempotency.request:
+            raise Conflict(
+                f"The Idempotency-Key '{idempotency.key}' was first sent with another request "
+                "(another job type, model, input or webhook); send that same request again, "
+                "or use a new key.",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        if not found:
+            raise Conflict(
+                f"The Idempotency-Key belongs to job '{earlier}', which has expired.",
+                param="Idempotency-Key",
+                code="idempotency_key_expired",
+            )
+        return earlier
+
+    async def run(self, job: Job, idempotency: Idempotency | None = None) -> dict[str, Any]:
         """Submit ``job`` with this process as its reply address and wait for its end.
 
         Returns the reply (see ``parse_reply``), its result the JSON bytes the
-        worker wrote, or None. Past the job's deadline the job is cancelled and
-        TimeoutError raised.
+        worker wrote, or None. Past the job's deadline DeadlinePassed is raised,
+        and the job cancelled if it is this request's own: a job joined through
+        an Idempotency-Key belongs to the request that submitted it.
+        Unavailable (503) when Redis lost the job.
         """
         waiter = _Waiter(job.deadline)
         job_id = job.id
         self._wait(job_id, waiter)
         try:
-            job_id = await self.submit(job, idempotency_key)
+            job_id = await self.submit(job, idempotency)
             if job_id != job.id:  # an earlier request with the same key: wait for that job
                 self._unwait(job.id, waiter)
                 self._wait(job_id, waiter)
+            waiter.submitted = True
             try:
                 return await waiter.future
             except TimeoutError:  # set by the sweeper
-                await self.cancel(job_id)
-                raise
+                own = job_id == job.id
+                if own:
+                    await self.cancel(job_id)
+                raise DeadlinePassed(job_id, cancelled=own) from None
         finally:
             self._unwait(job_id, waiter)
             if waiter.future.done() and not waiter.future.cancelled():
@@ -192,15 +282,16 @@ class Dispatcher:
         if not waiters:
             self._waiting.pop(job_id, None)
 
-    async def _enqueue(self, job: Job, ttl: int) -> bytes | None:
-        """Write the job's record, then append it to its model's stream unless
-        the stream is full: the stream entry's id, or None.
+    async def _enqueue(self, job: Job, ttl: int, recorded: bool = False) -> bytes | None:
+        """Write the job's record (unless ``recorded``: written already), then
+        append it to its model's stream unless the stream is full: the stream
+        entry's id, or None.
 
         Every job submitted before the event loop's next turn goes in the same
         pipeline, so a burst of requests costs one round trip, not one each.
         """
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._submits.append((job, ttl, future))
+        self._submits.append((job, ttl, recorded, future))
         if len(self._submits) == 1:
             flush = asyncio.create_task(self._flush_submits())
             self._flushes.add(flush)
@@ -210,13 +301,16 @@ class Dispatcher:
     async def _flush_submits(self) -> None:
         batch, self._submits = self._submits, []
         pipe = self.redis.pipeline(transaction=False)
-        for job, ttl, _ in batch:
-            # SUBMIT_COMMANDS commands per job, the stream entry's id the last reply.
-            key = self.keys.job(job.id)
-            pipe.hset(key, mapping=job.hash_fields())
-            pipe.expire(key, ttl)
+        ends = []  # where each job's replies end, the stream entry's id the last one
+        for job, ttl, recorded, _ in batch:
+            if not recorded:
+                # Not again for a recorded one: a client may have cancelled it meanwhile.
+                key = self.keys.job(job.id)
+                pipe.hset(key, mapping=job.hash_fields())
+                pipe.expire(key, ttl)
             stream = self.keys.stream(job.model)
             queue_script(pipe, ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, job.to_json()])
+            ends.append(len(pipe))
         try:
             replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
@@ -228,11 +322,11 @@ class Dispatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for index, (*_, future) in enumerate(batch):
+        start = 0
+        for end, (*_, future) in zip(ends, batch, strict=True):
+            written, start = replies[start:end], end
             if future.done():  # its request went away meanwhile
                 continue
-            start = SUBMIT_COMMANDS * index
-            written = replies[start : start + SUBMIT_COMMANDS]
             error = next((reply for reply in written if isinstance(reply, Exception)), None)
             if error is not None:
                 future.set_exception(error)
@@ -245,14 +339,18 @@ class Dispatcher:
         return job_view(job_id, record) if record else None
 
     async def _read_outcomes(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
-        """Each job's reply as its record holds it; None for a job not yet ended."""
+        """Each job's reply as its record holds it; None for a job not yet ended,
+        LOST for one with no record."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(self.keys.job(job_id), *OUTCOME_FIELDS)
         replies: list[dict[str, Any] | None] = []
         for job_id, fields in zip(job_ids, await pipe.execute(), strict=True):
             status, result, error, started_at, finished_at = cast(list[bytes | None], fields)
-            if status is None or JobStatus(status.decode()) not in TERMINAL_STATUSES:
+            if status is None:
+                replies.append(LOST)
+                continue
+            if JobStatus(status.decode()) not in TERMINAL_STATUSES:
                 replies.append(None)
                 continue
             replies.append(

@@ -50,7 +50,8 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
     input; Hearth answers bad input with 400 and its error envelope instead.
     Every `/v1` route may also answer 401 (API keys), 429 (rate limit, full
     queue) and 503 (Redis unreachable); every route with a body (they all take
-    work) 400, 409 (an expired `Idempotency-Key`) and 413.
+    work) 400, 409 (an `Idempotency-Key` sent with another request, or whose
+    job has expired) and 413.
     """
     for path, operations in schema["paths"].items():
         for operation in operations.values():
@@ -67,7 +68,12 @@ def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
                 )
             if "requestBody" in operation:
                 responses.setdefault("400", _error("Invalid request: `param` names the field."))
-                responses.setdefault("409", _error("The Idempotency-Key's job has expired."))
+                responses.setdefault(
+                    "409",
+                    _error(
+                        "The Idempotency-Key came with another request, or its job has expired."
+                    ),
+                )
                 responses.setdefault("413", _error("Body larger than HEARTH_MAX_BODY_BYTES."))
     if "#/components/schemas/HTTPValidationError" not in json.dumps(schema["paths"]):
         schemas = schema.get("components", {}).get("schemas", {})

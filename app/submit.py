@@ -7,6 +7,7 @@ result. With ``Prefer: respond-async`` (or through `POST /v1/jobs`), answer
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -14,7 +15,10 @@ from typing import Any
 
 import orjson
 from fastapi import Request, Response
+from pydantic import BaseModel
 
+from app.auth import key_digest
+from app.dispatcher import DeadlinePassed, Idempotency
 from app.errors import Conflict, DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
 from app.responses import JSONResponse
 from app.state import AppState
@@ -37,28 +41,44 @@ Prepare = Callable[[float, str | None], Job]
 
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+ANYONE = "anyone"  # the one caller of a deployment without API keys (not a hex digest)
 
 
-def idempotency_key(request: Request) -> str | None:
-    """The request's ``Idempotency-Key``: the same key returns the same job."""
+def idempotency(request: Request, job: Job, parameters: BaseModel) -> Idempotency | None:
+    """The request's ``Idempotency-Key``, if it has one: the same caller sending
+    the same request (job type, parameters, webhook) with it again gets the same
+    job; another request with it is refused."""
     key = request.headers.get("idempotency-key")
-    if key is not None and not IDEMPOTENCY_KEY.match(key):
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
         raise InvalidRequest(
             "Invalid 'Idempotency-Key' header: 1 to 255 printable ASCII characters, no spaces.",
             param="Idempotency-Key",
         )
-    return key
+    # The parameters as validated, not the job's input: that holds the seed
+    # drawn when none was asked for, different for every retry of one request.
+    described = {
+        "type": job.type.value,
+        "parameters": parameters.model_dump(mode="json"),
+        "webhook": job.webhook,
+    }
+    digest = hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return Idempotency(caller=key_digest(request) or ANYONE, key=key, request=digest)
 
 
-async def accept(state: AppState, request: Request, job: Job) -> JSONResponse:
-    """Queue ``job`` (or find the job submitted earlier with the same key); answer 202."""
-    job_id = await state.dispatcher.submit(job, idempotency_key(request))
+async def accept(
+    state: AppState, request: Request, job: Job, parameters: BaseModel
+) -> JSONResponse:
+    """Queue ``job``, made from ``parameters`` (or find the job submitted earlier
+    with the same key); answer 202."""
+    job_id = await state.dispatcher.submit(job, idempotency(request, job, parameters))
     if job_id == job.id:
         record = {key.encode(): str(value).encode() for key, value in job.hash_fields().items()}
         view = job_view(job.id, record)
     else:
         earlier = await state.dispatcher.view(job_id)
-        if earlier is None:
+        if earlier is None:  # it expired since the submit found it
             raise Conflict(
                 f"The Idempotency-Key belongs to job '{job_id}', which has expired.",
                 param="Idempotency-Key",
@@ -72,11 +92,14 @@ async def accept(state: AppState, request: Request, job: Job) -> JSONResponse:
     )
 
 
-async def respond(state: AppState, request: Request, prepare: Prepare) -> Response:
-    """Answer a request: its result, or 202 when the client prefers to come back for it."""
+async def respond(
+    state: AppState, request: Request, parameters: BaseModel, prepare: Prepare
+) -> Response:
+    """Answer a request with ``parameters`` (its validated body): its result, or 202
+    when the client prefers to come back for it."""
     settings = state.settings
     if wants_async(request):
-        return await accept(state, request, prepare(settings.job_timeout_s, None))
+        return await accept(state, request, prepare(settings.job_timeout_s, None), parameters)
     job = prepare(settings.request_timeout_s, state.dispatcher.channel)
     if not await state.fleet.holders(job.model):
         raise Unavailable(
@@ -84,12 +107,17 @@ async def respond(state: AppState, request: Request, prepare: Prepare) -> Respon
             code="no_worker",
         )
     try:
-        reply = await state.dispatcher.run(job, idempotency_key(request))
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"No result within {state.settings.request_timeout_s:g} s; the job was cancelled.",
-            code="deadline_exceeded",
-        ) from None
+        reply = await state.dispatcher.run(job, idempotency(request, job, parameters))
+    except DeadlinePassed as exc:
+        waited = f"No result within {state.settings.request_timeout_s:g} s"
+        if exc.cancelled:
+            message = f"{waited}; the job was cancelled."
+        else:
+            message = (
+                f"{waited}; job '{exc.job_id}', first sent with this Idempotency-Key, "
+                f"goes on: GET /v1/jobs/{exc.job_id} follows it."
+            )
+        raise DeadlineExceeded(message, code="deadline_exceeded") from None
     if reply["status"] != JobStatus.SUCCEEDED:
         raise _failure(reply)
     headers = _timings(request, job, reply)

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import MODEL
 from tests.support import HEARTH, hearth_env, start_api, wait_for
 
 pytestmark = pytest.mark.integration
@@ -94,3 +95,20 @@ def test_an_unreadable_keys_file_stops_the_api(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "HEARTH_API_KEYS_FILE" in result.stderr
+
+
+def test_each_key_has_idempotency_keys_of_its_own(keyed_api: str) -> None:
+    def embed(http: httpx.Client, key: str, text: str) -> httpx.Response:
+        headers = {**bearer(key), "Idempotency-Key": "order-42", "Prefer": "respond-async"}
+        return http.post("/v1/embeddings", json={"model": MODEL, "input": text}, headers=headers)
+
+    with httpx.Client(base_url=keyed_api) as http:
+        alice = embed(http, KEYS[0], "alice's text")
+        # Bob sending Alice's very request with her key's name gets a job of his own.
+        bob = embed(http, KEYS[1], "alice's text")
+        assert alice.status_code == bob.status_code == 202
+        assert bob.json()["id"] != alice.json()["id"]
+        assert embed(http, KEYS[0], "alice's text").json()["id"] == alice.json()["id"]
+        reused = embed(http, KEYS[0], "other text")
+        assert reused.status_code == 409
+        assert reused.json()["error"]["code"] == "idempotency_key_reused"

@@ -11,7 +11,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.dispatcher import Dispatcher
+from app.dispatcher import DeadlinePassed, Dispatcher, Idempotency
+from app.errors import Conflict, Unavailable
 from workers.protocol import FINISH_SCRIPT, Job, JobStatus, JobType, Keys, reply_head
 from workers.protocol import Outcome as JobOutcome
 
@@ -27,6 +28,10 @@ def make_job(channel: str, deadline_s: float = 30.0) -> Job:
         deadline=time.time() + deadline_s,
         reply_to=channel,
     )
+
+
+def same_key(key: str, caller: str = "anyone", request: str = "embed hello") -> Idempotency:
+    return Idempotency(caller=caller, key=key, request=request)
 
 
 def with_dispatcher(
@@ -159,9 +164,9 @@ def test_requests_sharing_an_idempotency_key_all_get_the_reply(
     result = b'{"object":"list"}'
 
     async def body(dispatcher: Dispatcher, client: Redis) -> list[dict[str, Any]]:
-        first = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), "key-1"))
+        first = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), same_key("k1")))
         (job,) = await taken_jobs(client, keys, 1)
-        second = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), "key-1"))
+        second = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), same_key("k1")))
         await asyncio.sleep(0.2)  # the second request now waits on the first one's job
         await finish(client, keys, job, result, publish=True)
         started = time.monotonic()
@@ -173,3 +178,93 @@ def test_requests_sharing_an_idempotency_key_all_get_the_reply(
     replies = with_dispatcher(redis_url, namespace, body)
     assert [reply["id"] for reply in replies] == [replies[0]["id"]] * 2
     assert all(reply["result"] == result for reply in replies)
+
+
+def test_an_idempotency_key_belongs_to_its_caller_and_its_request(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> None:
+        alice = await dispatcher.submit(make_job(""), same_key("order-42", "alice"))
+        bob = make_job("")
+        # Another caller's key of the same name is another key: Bob gets his own job.
+        assert await dispatcher.submit(bob, same_key("order-42", "bob", "other")) == bob.id
+        assert await dispatcher.submit(make_job(""), same_key("order-42", "alice")) == alice
+        reused = make_job("")
+        with pytest.raises(Conflict) as refused:
+            await dispatcher.submit(reused, same_key("order-42", "alice", "other"))
+        assert refused.value.code == "idempotency_key_reused"
+        assert refused.value.param == "Idempotency-Key"
+        assert not await client.exists(keys.job(reused.id))  # nothing left of the refused one
+        assert len(await client.xrange(keys.stream(MODEL))) == 2
+
+    with_dispatcher(redis_url, namespace, body)
+
+
+def test_concurrent_submits_with_one_key_all_find_the_one_job(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> None:
+        async def submit_and_look() -> tuple[str, dict[str, Any] | None]:
+            job_id = await dispatcher.submit(make_job(""), same_key("race"))
+            return job_id, await dispatcher.view(job_id)
+
+        for _ in range(5):
+            await client.delete(keys.idempotency("anyone", "race"))
+            found = await asyncio.gather(*(submit_and_look() for _ in range(8)))
+            assert len({job_id for job_id, _ in found}) == 1
+            # Each one sees the job's record at once, even those that lost the race.
+            assert all(view is not None for _, view in found)
+        assert len(await client.xrange(keys.stream(MODEL))) == 5
+
+    with_dispatcher(redis_url, namespace, body)
+
+
+def test_a_wait_that_joined_an_earlier_job_leaves_it_running(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> None:
+        earlier = await dispatcher.submit(make_job(""), same_key("k"))
+        with pytest.raises(DeadlinePassed) as passed:
+            await dispatcher.run(make_job(dispatcher.channel, deadline_s=0.5), same_key("k"))
+        assert passed.value.job_id == earlier
+        assert not passed.value.cancelled
+        assert await client.hget(keys.job(earlier), "status") == b"queued"
+
+    with_dispatcher(redis_url, namespace, body)
+
+
+def test_a_key_whose_job_expired_is_refused_at_once(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> float:
+        earlier = await dispatcher.submit(make_job(""), same_key("k"))
+        await client.delete(keys.job(earlier))  # its record expired; the key lasts longer
+        started = time.monotonic()
+        with pytest.raises(Conflict) as refused:
+            await dispatcher.run(make_job(dispatcher.channel, deadline_s=5), same_key("k"))
+        assert refused.value.code == "idempotency_key_expired"
+        return time.monotonic() - started
+
+    assert with_dispatcher(redis_url, namespace, body) < 0.5
+
+
+def test_a_wait_on_a_job_redis_lost_ends_with_a_503(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> float:
+        waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel, 30)))
+        (job,) = await taken_jobs(client, keys, 1)
+        await client.delete(keys.job(job.id))  # as a Redis restarted without persistence
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as lost:
+            await asyncio.wait_for(waiting, 5)
+        assert lost.value.code == "job_lost"
+        return time.monotonic() - started
+
+    assert with_dispatcher(redis_url, namespace, body) < 2  # the record read, not the deadline

@@ -312,3 +312,26 @@ def test_sigterm_lets_the_api_answer_the_requests_it_holds(stack: Stack, tmp_pat
         assert pending.result().status_code == 200
     assert api.popen.wait(30) == 0
     api.stop()
+
+
+def test_a_synchronous_request_past_its_deadline_leaves_the_job_it_joined_running(
+    stack: Stack, tmp_path: Path
+) -> None:
+    api, url = start_api({**stack.env, "HEARTH_REQUEST_TIMEOUT_S": "1.5"}, tmp_path)
+    keyed = {"Idempotency-Key": f"shared-{time.time_ns()}"}
+    body = {**SLOW, "seed": 78}
+    try:
+        wait_for(f"{url}/readyz", [api])
+        with httpx.Client(base_url=url, timeout=30) as http:
+            queued = http.post(
+                "/v1/images/generations", json=body, headers={**keyed, "Prefer": "respond-async"}
+            )
+            assert queued.status_code == 202
+            job_id = queued.json()["id"]
+            response = http.post("/v1/images/generations", json=body, headers=keyed)
+            assert response.status_code == 504
+            assert job_id in response.json()["error"]["message"]
+            assert http.get(f"/v1/jobs/{job_id}").json()["status"] in {"queued", "running"}
+            assert http.delete(f"/v1/jobs/{job_id}").status_code == 200  # frees the worker
+    finally:
+        api.stop()

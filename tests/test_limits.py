@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +17,8 @@ from tests.support import hearth_env, start_api, wait_for
 from workers.protocol import Keys
 
 pytestmark = pytest.mark.integration
+
+ASYNC = {"Prefer": "respond-async"}
 
 
 @pytest.fixture
@@ -113,3 +117,60 @@ def test_a_repeated_synchronous_request_runs_once(
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     assert len(set(redis_client.scan_iter(match=keys.job("*"))) - before) == 1
+
+
+def test_an_idempotency_key_holds_to_the_request_it_came_with(client: httpx.Client) -> None:
+    embed = {"model": MODEL, "input": "keyed text"}
+    keyed = {"Idempotency-Key": f"order-{uuid.uuid4().hex}"}
+    job = client.post("/v1/jobs", json={"type": "embeddings", "input": embed}, headers=keyed)
+    assert job.status_code == 202
+    # The same request through the route, asking to come back for it: the same job.
+    queued = client.post("/v1/embeddings", json=embed, headers={**keyed, **ASYNC})
+    assert queued.status_code == 202
+    assert queued.json()["id"] == job.json()["id"]
+    for other in (
+        {"type": "embeddings", "input": {**embed, "input": "other text"}},
+        {"type": "embeddings", "input": {**embed, "dimensions": 8}},
+        {"type": "embeddings", "input": embed, "webhook": "http://127.0.0.1:9/hook"},
+        {"type": "images.generations", "input": {"model": "demo-dit", "prompt": "x"}},
+    ):
+        refused = client.post("/v1/jobs", json=other, headers=keyed)
+        assert refused.status_code == 409, other
+        error = refused.json()["error"]
+        assert error["code"] == "idempotency_key_reused"
+        assert error["param"] == "Idempotency-Key"
+        assert "Idempotency-Key" in error["message"]
+    # No seed asked for: a retry is the same request, though each draws a seed of its own.
+    unseeded = {"model": "demo-dit", "prompt": "any seed", "num_inference_steps": 1}
+    again = {"Idempotency-Key": f"unseeded-{uuid.uuid4().hex}", **ASYNC}
+    first = client.post("/v1/images/generations", json=unseeded, headers=again)
+    second = client.post("/v1/images/generations", json=unseeded, headers=again)
+    assert first.json()["id"] == second.json()["id"]
+
+
+def test_concurrent_requests_with_one_key_all_get_its_job(stack: Stack) -> None:
+    def submit(key: str) -> httpx.Response:
+        body = {"type": "embeddings", "input": {"model": MODEL, "input": "at once"}}
+        return httpx.post(
+            f"{stack.url}/v1/jobs", json=body, headers={"Idempotency-Key": key}, timeout=30
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for attempt in range(20):
+            responses = list(pool.map(submit, [f"race-{uuid.uuid4().hex}"] * 8))
+            assert [response.status_code for response in responses] == [202] * 8, attempt
+            assert len({response.json()["id"] for response in responses}) == 1
+
+
+def test_a_synchronous_request_with_a_key_whose_job_expired_is_a_409_at_once(
+    stack: Stack, client: httpx.Client, redis_client: redis.Redis
+) -> None:
+    body = {"model": MODEL, "input": "long gone"}
+    keyed = {"Idempotency-Key": f"gone-{uuid.uuid4().hex}"}
+    job = client.post("/v1/embeddings", json=body, headers={**keyed, **ASYNC}).json()
+    redis_client.delete(Keys(stack.namespace).job(job["id"]))  # its record expired, not its key
+    started = time.monotonic()
+    response = client.post("/v1/embeddings", json=body, headers=keyed)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "idempotency_key_expired"
+    assert time.monotonic() - started < 2

@@ -70,8 +70,9 @@ class Keys:
         """A generated image kept for `GET /v1/files/{id}`."""
         return f"{self.namespace}:file:{{{file_id}}}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.namespace}:idempotency:{{{key}}}"
+    def idempotency(self, caller: str, key: str) -> str:
+        """One caller's ``Idempotency-Key``: the job it was first sent with, and that request."""
+        return f"{self.namespace}:idempotency:{{{caller}:{key}}}"
 
     def dead_letters(self) -> str:
         """Stream of jobs given up on after HEARTH_MAX_ATTEMPTS, with their last error."""

@@ -68,4 +68,4 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Sta
 
     With `Prefer: respond-async` the answer is `202` with a job to poll instead.
     """
-    return await respond(state, request, partial(prepare, body, state))
+    return await respond(state, request, body, partial(prepare, body, state))

@@ -114,4 +114,4 @@ async def create_images(
     `seed`, `scheduler`. With `Prefer: respond-async` the answer is `202` with
     a job to poll or follow (`GET /v1/jobs/{id}/events`).
     """
-    return await respond(state, request, partial(prepare, body, state))
+    return await respond(state, request, body, partial(prepare, body, state))

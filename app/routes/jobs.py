@@ -52,7 +52,7 @@ async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSO
         job = images.prepare(body.input, state, deadline)
     if webhook:
         job = job.with_webhook(webhook)
-    return await accept(state, request, job)
+    return await accept(state, request, job, body.input)
 
 
 async def _view(state: AppState, request: Request, job_id: str) -> dict[str, Any]:
