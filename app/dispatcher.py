@@ -299,39 +299,53 @@ class Dispatcher:
         return await future
 
     async def _flush_submits(self) -> None:
+        """Send the submits gathered so far in one pipeline; settle every one's future.
+
+        Whatever happens, each future ends resolved or failed: a request waits
+        on it with no deadline of its own yet. A job that cannot be encoded
+        fails alone, before anything of it is sent; the others go ahead.
+        """
         batch, self._submits = self._submits, []
-        pipe = self.redis.pipeline(transaction=False)
-        ends = []  # where each job's replies end, the stream entry's id the last one
-        for job, ttl, recorded, _ in batch:
-            if not recorded:
-                # Not again for a recorded one: a client may have cancelled it meanwhile.
-                key = self.keys.job(job.id)
-                pipe.hset(key, mapping=job.hash_fields())
-                pipe.expire(key, ttl)
-            stream = self.keys.stream(job.model)
-            queue_script(pipe, ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, job.to_json()])
-            ends.append(len(pipe))
+        sent: list[tuple[int, asyncio.Future[bytes | None]]] = []  # where its replies end
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            pipe = self.redis.pipeline(transaction=False)
+            for job, ttl, recorded, future in batch:
+                try:
+                    # Encoded before any of its commands is queued, so that a job that
+                    # cannot be sent (a lone surrogate) leaves none in the pipeline.
+                    # Every string those commands hold is in this payload too.
+                    payload = job.to_json()
+                except (TypeError, ValueError) as exc:  # orjson.JSONEncodeError is both
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                if not recorded:
+                    # Not again for a recorded one: a client may have cancelled it meanwhile.
+                    key = self.keys.job(job.id)
+                    pipe.hset(key, mapping=job.hash_fields())
+                    pipe.expire(key, ttl)
+                stream = self.keys.stream(job.model)
+                queue_script(pipe, ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, payload])
+                sent.append((len(pipe), future))  # the stream entry's id its last reply
+            replies = await pipe.execute(raise_on_error=False) if sent else []
+            start = 0
+            for end, future in sent:
+                written, start = replies[start:end], end
+                if future.done():  # its request went away meanwhile
+                    continue
+                error = next((reply for reply in written if isinstance(reply, Exception)), None)
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(written[-1])
         except asyncio.CancelledError:
             for *_, future in batch:
                 future.cancel()
             raise
-        except Exception as exc:  # Redis unreachable: every submit of the batch failed
+        except Exception as exc:  # Redis unreachable: every submit not yet settled failed
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            return
-        start = 0
-        for end, (*_, future) in zip(ends, batch, strict=True):
-            written, start = replies[start:end], end
-            if future.done():  # its request went away meanwhile
-                continue
-            error = next((reply for reply in written if isinstance(reply, Exception)), None)
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(written[-1])
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""

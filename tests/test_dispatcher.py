@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -268,3 +269,29 @@ def test_a_wait_on_a_job_redis_lost_ends_with_a_503(redis_url: str, namespace: s
         return time.monotonic() - started
 
     assert with_dispatcher(redis_url, namespace, body) < 2  # the record read, not the deadline
+
+
+def test_a_job_that_cannot_be_encoded_fails_alone(redis_url: str, namespace: str) -> None:
+    # Submitted in the same moment, the jobs share one pipeline: the one holding
+    # a lone surrogate (no UTF-8 for it) fails, the others are sent and answered.
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> list[dict[str, Any] | BaseException]:
+        unencodable = {"input": ["a\ud800b"], "encoding_format": "float", "dimensions": None}
+        bad = dataclasses.replace(make_job(dispatcher.channel), input=unencodable)
+        good = [make_job(dispatcher.channel) for _ in range(6)]
+        jobs = [good[0], bad, *good[1:]]
+        waiting = asyncio.gather(*(dispatcher.run(job) for job in jobs), return_exceptions=True)
+        taken = await taken_jobs(client, keys, len(good))
+        assert {job.id for job in taken} == {job.id for job in good}
+        for job in taken:
+            await finish(client, keys, job, orjson.dumps({"id": job.id}), publish=True)
+        outcomes = await asyncio.wait_for(waiting, 5)
+        assert await client.exists(keys.job(bad.id)) == 0  # nothing of it was written
+        return list(outcomes)
+
+    outcomes = with_dispatcher(redis_url, namespace, body)
+    assert isinstance(outcomes[1], TypeError)
+    for outcome in outcomes[:1] + outcomes[2:]:
+        assert isinstance(outcome, dict), outcome
+        assert outcome["status"] == "succeeded"
