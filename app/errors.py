@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.responses import JSONResponse
 from app.schemas import JOB_TYPES
@@ -98,9 +99,14 @@ ERROR_TABLE: dict[type[HearthError], tuple[int, str]] = {
 }
 
 
+BODY_NOT_PARSED = "There was an error parsing the body"  # FastAPI's words
+LOCATIONS = ("body", "query", "path", "header", "cookie")  # FastAPI's first loc element
+
+
 def _param(loc: tuple[int | str, ...]) -> str | None:
-    """('body', 'input', 3) → 'input[3]'."""
-    parts = [part for part in loc if part not in ("body", "query", "path", "header")]
+    """('body', 'input', 3) → 'input[3]'. Only the first element can be a location:
+    deeper, 'body' is a field of that name."""
+    parts = loc[1:] if loc and loc[0] in LOCATIONS else loc
     name = ""
     for part in parts:
         name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
@@ -120,6 +126,12 @@ def from_validation(exc: RequestValidationError) -> InvalidRequest:
     if len(loc) > 1 and loc[1] in JOB_TYPES:
         loc = (loc[0], *loc[2:])  # the tag pydantic adds for a queued job's type
     param = _param(loc)
+    if param is None and first.get("type") == "string_unicode":  # a field's name, not its value
+        name = ascii(first.get("input"))
+        return InvalidRequest(
+            f"A field name in the request body is not valid Unicode: {name}.",
+            code="invalid_value",
+        )
     if param is None:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -146,24 +158,68 @@ def translate(exc: Exception) -> HearthError:
         if exc.status_code == 404:
             return NotFound("No such route.", code="route_not_found")
         if exc.status_code == 405:
+            # Its Allow header is set by the handler, which can see every route.
             return MethodNotAllowed("Method not allowed on this route.", code="method_not_allowed")
         if exc.status_code == 413:
             return PayloadTooLarge(str(exc.detail), code="body_too_large")
+        if exc.status_code == 400 and exc.detail == BODY_NOT_PARSED:
+            # Bytes that are not UTF-8, or JSON nested deeper than the parser goes.
+            reason = exc.__cause__ or "unreadable"
+            return InvalidRequest(
+                f"The request body is not valid JSON: {reason}", code="invalid_json"
+            )
         return InvalidRequest(str(exc.detail))
     logger.error("unhandled error", exc_info=exc)
     return InferenceFailed("Internal error; it has been logged.", code="internal_error")
 
 
+def within(field: str, error: HearthError) -> HearthError:
+    """``error``, raised about a body that sits in ``field`` of the request's body,
+    naming its field as seen from there: 'dimensions' → 'input.dimensions'."""
+    if error.param is None:
+        return error
+    param = f"{field}.{error.param}"
+    message = error.message.replace(f"Invalid '{error.param}'", f"Invalid '{param}'", 1)
+    return type(error)(message, param=param, code=error.code, headers=error.headers)
+
+
+def _encodable(text: str | None) -> str | None:
+    # An error may quote what the client sent; a lone surrogate in it would
+    # make the envelope itself unencodable. Such characters are spelled out.
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def response_for(error: HearthError) -> JSONResponse:
     status, kind = ERROR_TABLE[type(error)]
-    body = {
-        "error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    }
+    detail = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
+    body = {"error": {key: _encodable(value) for key, value in detail.items()}}
     return JSONResponse(body, status_code=status, headers=error.headers)
 
 
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed(request: Request) -> dict[str, str]:
+    """The Allow header of a 405: every method some route at this path takes.
+    (Starlette's own names those of the first such route only.)"""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return {"Allow": ", ".join(allowed)}
+
+
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return response_for(translate(exc))
+    error = translate(exc)
+    if isinstance(error, MethodNotAllowed):
+        error.headers = _allowed(request)
+    return response_for(error)
 
 
 def install(app: FastAPI) -> None:

@@ -9,24 +9,48 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    TypeAdapter,
+)
+
+
+def _unicode(value: str) -> str:
+    # JSON's \uXXXX escapes can spell a lone UTF-16 surrogate, which Python
+    # keeps in a str but no UTF-8 encoder (orjson, Redis, a tokenizer) accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"character {exc.start} is a lone UTF-16 surrogate "
+            f"({ascii(value[exc.start])[1:-1]}); send valid Unicode text"
+        ) from None
+    return value
+
+
+# A free-text field: any string that is valid Unicode.
+Text = Annotated[str, AfterValidator(_unicode)]
+_TEXTS = TypeAdapter(list[Text])
 
 
 def _check_input(value: Any) -> Any:
     if isinstance(value, str):
-        return value
+        return _unicode(value)
     if isinstance(value, list):
         if not value:
             raise ValueError("must be a non-empty string or a non-empty list of strings")
-        for index, item in enumerate(value):
-            if isinstance(item, int | list):
-                raise ValueError(
-                    "token arrays are not supported: send the text itself, as a string "
-                    "or a list of strings"
-                )
-            if not isinstance(item, str):
-                raise ValueError(f"item {index} is {type(item).__name__}, expected a string")
-        return value
+        if any(isinstance(item, list) or type(item) is int for item in value):
+            raise ValueError(
+                "token arrays are not supported: send the text itself, as a string "
+                "or a list of strings"
+            )
+        # Raised from here, the errors keep their item's index: 'input[3]'.
+        return _TEXTS.validate_python(value, strict=True)
     raise ValueError(f"expected a string or a list of strings, got {type(value).__name__}")
 
 
@@ -46,7 +70,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input: EmbeddingInput
-    model: str = Field(
+    model: Text = Field(
         description="A model id from `GET /v1/models`.", examples=["all-minilm-l6-v2"]
     )
     encoding_format: Literal["float", "base64"] = Field(
@@ -57,9 +81,10 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(
         default=None,
         ge=1,
+        strict=True,
         description="Keep only the first N dimensions, then rescale to unit length.",
     )
-    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    user: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
 
     @property
     def texts(self) -> list[str]:
@@ -112,10 +137,12 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(
         min_length=1, description="What to draw.", examples=["a lighthouse at dusk"]
     )
-    model: str = Field(
+    model: Text = Field(
         description="An image model id from `GET /v1/models`.", examples=["demo-unet"]
     )
-    n: int = Field(default=1, ge=1, description="How many images (each gets seed, seed+1, …).")
+    n: int = Field(
+        default=1, ge=1, strict=True, description="How many images (each gets seed, seed+1, …)."
+    )
     size: str | None = Field(
         default=None,
         pattern=SIZE_PATTERN,
@@ -125,23 +152,26 @@ class ImageGenerationRequest(BaseModel):
         default="b64_json",
         description="`b64_json`: the PNG inline. `url`: a link to `GET /v1/files/{id}`.",
     )
-    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
-    num_inference_steps: int | None = Field(default=None, ge=1, description="Denoising steps.")
+    negative_prompt: Text | None = Field(default=None, description="What to steer away from.")
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, strict=True, description="Denoising steps."
+    )
     guidance_scale: float | None = Field(
-        default=None, ge=0, description="Classifier-free guidance strength."
+        default=None, ge=0, strict=True, description="Classifier-free guidance strength."
     )
     seed: int | None = Field(
         default=None,
         ge=0,
+        strict=True,
         le=2**63 - 1,
         description="Same request and seed, same image. Unset: a random seed, reported back.",
     )
-    scheduler: str | None = Field(
+    scheduler: Text | None = Field(
         default=None, description="A scheduler name (e.g. `ddim`, `euler_a`, `dpmpp_2m`)."
     )
-    quality: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
-    style: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
-    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    quality: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    style: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    user: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
 
 
 class Image(BaseModel):

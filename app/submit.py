@@ -55,6 +55,7 @@ def idempotency(request: Request, job: Job, parameters: BaseModel) -> Idempotenc
         raise InvalidRequest(
             "Invalid 'Idempotency-Key' header: 1 to 255 printable ASCII characters, no spaces.",
             param="Idempotency-Key",
+            code="invalid_value",
         )
     # The parameters as validated, not the job's input: that holds the seed
     # drawn when none was asked for, different for every retry of one request.

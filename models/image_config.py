@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.schedulers import scheduler_choices
+from models.schedulers import min_steps, scheduler_choices
 from models.st_config import UnsupportedModelError
 
 LIMITS_FILE = "hearth.yaml"
@@ -43,6 +43,9 @@ class ImageLimits(BaseModel):
     max_n: int = Field(default=10, ge=1)
     max_prompt_chars: int = Field(default=2000, ge=1)
     default_scheduler: str = Field(default="", description="class name of the folder's scheduler")
+    skip_prk_steps: bool = Field(
+        default=False, description="the folder's scheduler config skips PNDM's warm-up"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ImageLimits:
@@ -63,6 +66,10 @@ class ImageLimits(BaseModel):
     def schedulers(self) -> dict[str, str]:
         """Scheduler names this model accepts → diffusers class names."""
         return scheduler_choices(self.default_scheduler)
+
+    def min_steps(self, scheduler_class: str) -> int:
+        """The fewest steps ``scheduler_class``, built from this model's config, runs with."""
+        return min_steps(scheduler_class, self.skip_prk_steps)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -90,7 +97,8 @@ def read_image_limits(folder: Path) -> ImageLimits:
     sample = denoiser_config.get("sample_size")
     native = int(sample) * vae_factor if isinstance(sample, int) else 1024
     native = max(step, native - native % step)
-    scheduler = str(_json(folder / "scheduler" / "scheduler_config.json").get("_class_name", ""))
+    scheduler_config = _json(folder / "scheduler" / "scheduler_config.json")
+    scheduler = str(scheduler_config.get("_class_name", ""))
 
     derived: dict[str, Any] = {
         "size_step": step,
@@ -100,6 +108,8 @@ def read_image_limits(folder: Path) -> ImageLimits:
         "default_width": native,
         "default_height": native,
         "default_scheduler": scheduler,
+        # Schedulers are built from the model's own config, whichever is asked for.
+        "skip_prk_steps": bool(scheduler_config.get("skip_prk_steps", False)),
     }
     overrides_file = folder / LIMITS_FILE
     if overrides_file.is_file():

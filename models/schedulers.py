@@ -28,6 +28,20 @@ FLOW_SCHEDULERS = {
 }
 
 
+# PNDMScheduler opens with a Runge-Kutta warm-up over the last `pndm_order` (4)
+# timesteps, unless its config skips it (`skip_prk_steps`, as Stable Diffusion's
+# does); asked for fewer steps, diffusers fails mid-call. Every other scheduler
+# here runs from 1 step.
+PNDM_ORDER = 4
+
+
+def min_steps(class_name: str, skip_prk_steps: bool) -> int:
+    """The fewest inference steps the scheduler ``class_name`` runs with."""
+    if class_name == NOISE_SCHEDULERS["pndm"] and not skip_prk_steps:
+        return PNDM_ORDER
+    return 1
+
+
 def scheduler_choices(default_class: str) -> dict[str, str]:
     """The names a model whose own scheduler is ``default_class`` accepts."""
     if default_class.startswith("FlowMatch"):

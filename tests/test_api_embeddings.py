@@ -205,13 +205,17 @@ def error_of(response: httpx.Response, status: int) -> dict[str, object]:
         ({"input": 42}, "input", "string"),
         ({"input": [1, 2, 3]}, "input", "token arrays"),
         ({"input": [[1, 2]]}, "input", "token arrays"),
-        ({"input": ["ok", None]}, "input", "item 1"),
+        ({"input": ["ok", None]}, "input[1]", "valid string"),
+        ({"input": [True]}, "input[0]", "valid string"),
         ({"input": ""}, "input", "empty"),
         ({"input": ["ok", ""]}, "input[1]", "empty"),
         ({"input": "x", "encoding_format": "hex"}, "encoding_format", "float"),
         ({"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
         ({"input": "x", "dimensions": 385}, "dimensions", "1 to 384"),
         ({"input": "x", "dimensions": "many"}, "dimensions", "integer"),
+        ({"input": "x", "dimensions": "8"}, "dimensions", "integer"),
+        ({"input": "x", "dimensions": True}, "dimensions", "integer"),
+        ({"input": "x", "dimensions": 8.0}, "dimensions", "integer"),
         ({"input": ["x"] * 2049}, "input", "at most 2048"),
     ],
 )
@@ -221,7 +225,39 @@ def test_bad_input_is_a_400_naming_the_field(
     error = error_of(embed(client, **body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+    assert error["code"] == "invalid_value"  # the schema's checks and the route's alike
     assert words in str(error["message"])
+
+
+# JSON's \u escapes can spell a lone UTF-16 surrogate: valid JSON, not valid text.
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (b'{"model": "all-minilm-l6-v2", "input": "a\\ud800b"}', "input"),
+        (b'{"model": "all-minilm-l6-v2", "input": ["ok", "a\\udfffb"]}', "input[1]"),
+        (b'{"model": "all-minilm-l6-v2", "input": "a", "user": "\\ud800"}', "user"),
+        (b'{"model": "x\\ud800", "input": "a"}', "model"),
+    ],
+)
+@pytest.mark.parametrize("prefer", [None, "respond-async"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(
+    client: httpx.Client, content: bytes, param: str, prefer: str | None
+) -> None:
+    headers = {"content-type": "application/json", **({"prefer": prefer} if prefer else {})}
+    response = client.post("/v1/embeddings", content=content, headers=headers, timeout=10)
+    error = error_of(response, 400)
+    assert error["param"] == param
+    assert "lone UTF-16 surrogate" in str(error["message"])
+    # The good requests around it are answered as ever.
+    vectors_of(embed(client, input="after a bad one"))
+
+
+def test_a_surrogate_pair_is_valid_text(client: httpx.Client) -> None:
+    content = b'{"model": "all-minilm-l6-v2", "input": "a\\ud83d\\ude00b"}'
+    response = client.post(
+        "/v1/embeddings", content=content, headers={"content-type": "application/json"}
+    )
+    vectors_of(response)
 
 
 def test_a_missing_model_field_is_named(client: httpx.Client) -> None:
@@ -240,6 +276,20 @@ def test_malformed_bodies_are_a_400(client: httpx.Client, content: bytes) -> Non
     assert error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b'{"model": "all-minilm-l6-v2", "input": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000],
+)
+def test_a_body_json_cannot_parse_is_invalid_json(client: httpx.Client, content: bytes) -> None:
+    # Not UTF-8, or nested deeper than the parser goes: FastAPI's own parse error.
+    response = client.post(
+        "/v1/embeddings", content=content, headers={"content-type": "application/json"}
+    )
+    error = error_of(response, 400)
+    assert error["code"] == "invalid_json"
+    assert str(error["message"]).startswith("The request body is not valid JSON: ")
+
+
 def test_an_unknown_model_is_a_404(client: httpx.Client) -> None:
     error = error_of(
         client.post("/v1/embeddings", json={"model": "no-such-model", "input": "x"}), 404
@@ -250,4 +300,6 @@ def test_an_unknown_model_is_a_404(client: httpx.Client) -> None:
 
 def test_unknown_routes_and_methods_use_the_envelope(client: httpx.Client) -> None:
     assert error_of(client.get("/v1/nothing-here"), 404)["code"] == "route_not_found"
-    assert error_of(client.get("/v1/embeddings"), 405)["code"] == "method_not_allowed"
+    response = client.get("/v1/embeddings")
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"

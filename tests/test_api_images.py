@@ -146,6 +146,17 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
         ({"seed": -1}, "seed", "greater than or equal to 0"),
         ({"num_inference_stepz": 4}, "num_inference_stepz", "Extra inputs"),
         ({"response_format": "jpeg"}, "response_format", "b64_json"),
+        # Numbers are numbers: no booleans, no strings of digits.
+        ({"n": True}, "n", "valid integer"),
+        ({"n": "2"}, "n", "valid integer"),
+        ({"num_inference_steps": True}, "num_inference_steps", "valid integer"),
+        ({"seed": True}, "seed", "valid integer"),
+        ({"seed": "7"}, "seed", "valid integer"),
+        ({"guidance_scale": True}, "guidance_scale", "valid number"),
+        ({"guidance_scale": "7.5"}, "guidance_scale", "valid number"),
+        # Fields named like FastAPI's request locations are fields like any other.
+        ({"body": 1}, "body", "Extra inputs"),
+        ({"query": 1}, "query", "Extra inputs"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(
@@ -153,7 +164,53 @@ def test_bad_input_is_a_400_naming_the_field(
 ) -> None:
     error = error_of(generate(client, model="demo-unet", **body), 400)
     assert error["param"] == param
+    assert error["code"] == "invalid_value"  # the schema's checks and the route's alike
     assert words in error["message"]
+
+
+def test_a_whole_number_is_a_valid_guidance_scale(client: httpx.Client) -> None:
+    assert images_of(generate(client, model="demo-dit", guidance_scale=3, seed=1))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_pndm_needs_four_steps(client: httpx.Client, model: str, steps: int) -> None:
+    # PNDMScheduler's Runge-Kutta warm-up takes 4 steps unless the model's
+    # scheduler config skips it (the demo models' does not).
+    error = error_of(
+        generate(client, model=model, scheduler="pndm", num_inference_steps=steps), 400
+    )
+    assert error["param"] == "num_inference_steps"
+    assert error["message"] == (
+        f"Invalid 'num_inference_steps': {steps}; scheduler 'pndm' takes at least 4."
+    )
+    assert images_of(generate(client, model=model, scheduler="ddim", num_inference_steps=1))
+
+
+# JSON's \u escapes can spell a lone UTF-16 surrogate: valid JSON, not valid text.
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ('"prompt": "a", "negative_prompt": "\\ud800"', "negative_prompt"),
+        ('"prompt": "a\\udc00"', "prompt"),
+        ('"prompt": "a", "style": "\\udfff"', "style"),
+        ('"prompt": "a", "\\ud800": 1', None),  # a field's name: no field to name
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(
+    client: httpx.Client, fields: str, param: str | None
+) -> None:
+    content = '{"model": "demo-unet", "num_inference_steps": 2, ' + fields + "}"
+    response = client.post(
+        "/v1/images/generations",
+        content=content.encode(),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    error = error_of(response, 400)
+    assert error["param"] == param
+    assert error["code"] == "invalid_value"
+    assert "unicode" in error["message"].lower()
 
 
 def test_a_dit_needs_sizes_in_steps_of_its_patches(client: httpx.Client) -> None:

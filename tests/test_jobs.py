@@ -97,6 +97,75 @@ def test_job_input_is_validated_like_the_route(client: httpx.Client) -> None:
     assert response.status_code == 404
 
 
+EMBED = {"model": MODEL, "input": "x"}
+IMAGE = {"model": "demo-unet", "prompt": "x", "num_inference_steps": 4}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "status", "param"),
+    [
+        # Found by the route, as the route's own body names them.
+        ("embeddings", {**EMBED, "input": ""}, 400, "input.input"),
+        ("embeddings", {**EMBED, "input": ["ok", ""]}, 400, "input.input[1]"),
+        ("embeddings", {**EMBED, "dimensions": 385}, 400, "input.dimensions"),
+        ("embeddings", {**EMBED, "model": "no-such-model"}, 404, "input.model"),
+        ("embeddings", {**EMBED, "model": "demo-dit"}, 400, "input.model"),
+        ("images.generations", {**IMAGE, "size": "100x64"}, 400, "input.size"),
+        ("images.generations", {**IMAGE, "n": 11}, 400, "input.n"),
+        (
+            "images.generations",
+            {**IMAGE, "scheduler": "pndm", "num_inference_steps": 2},
+            400,
+            "input.num_inference_steps",
+        ),
+        # Found by the schema.
+        ("embeddings", {**EMBED, "dimensions": True}, 400, "input.dimensions"),
+        ("images.generations", {**IMAGE, "seed": "7"}, 400, "input.seed"),
+        ("images.generations", {**IMAGE, "body": 1}, 400, "input.body"),
+    ],
+)
+def test_job_errors_name_the_field_in_the_jobs_body(
+    client: httpx.Client, kind: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    response = client.post("/v1/jobs", json={"type": kind, "input": body})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    if status == 400 and error["code"] != "wrong_model_kind":
+        assert error["code"] == "invalid_value"
+        assert error["message"].startswith(f"Invalid '{param}': ")
+
+
+# JSON's \u escapes can spell a lone UTF-16 surrogate: valid JSON, not valid text.
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (
+            b'{"type": "embeddings", "input": {"model": "all-minilm-l6-v2", "input": "a\\ud800b"}}',
+            "input.input",
+        ),
+        (b'{"type": "\\ud800", "input": {}}', "type"),
+    ],
+)
+def test_a_job_with_a_lone_surrogate_is_a_400(
+    client: httpx.Client, content: bytes, param: str
+) -> None:
+    response = client.post(
+        "/v1/jobs", content=content, headers={"content-type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_method_a_route_does_not_take_is_a_405_saying_which_it_does(
+    client: httpx.Client,
+) -> None:
+    response = client.put("/v1/jobs/job_nothing")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert set(response.headers["allow"].split(", ")) == {"GET", "DELETE"}
+
+
 def test_unknown_jobs_are_404(client: httpx.Client) -> None:
     for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
         response = client.request(method, f"/v1/jobs/job_nothing{path}")

@@ -28,21 +28,26 @@ def prepare(
         raise InvalidRequest(
             f"Invalid 'input': {len(texts)} items, at most {settings.max_inputs} per request.",
             param="input",
+            code="invalid_value",
         )
     for index, text in enumerate(texts):
         param = "input" if isinstance(body.input, str) else f"input[{index}]"
         if not text:
-            raise InvalidRequest(f"Invalid '{param}': must not be empty.", param=param)
+            raise InvalidRequest(
+                f"Invalid '{param}': must not be empty.", param=param, code="invalid_value"
+            )
         if len(text) > settings.max_input_chars:
             raise InvalidRequest(
                 f"Invalid '{param}': {len(text)} characters, at most {settings.max_input_chars}.",
                 param=param,
+                code="invalid_value",
             )
     if body.dimensions is not None and spec.dimension and body.dimensions > spec.dimension:
         raise InvalidRequest(
             f"Invalid 'dimensions': {body.dimensions}; model '{spec.id}' has {spec.dimension}, "
             f"so use 1 to {spec.dimension}.",
             param="dimensions",
+            code="invalid_value",
         )
     return Job(
         type=JobType.EMBEDDINGS,

@@ -29,6 +29,7 @@ def _size(body: ImageGenerationRequest, limits: ImageLimits) -> tuple[int, int]:
             f"Invalid 'size': {body.size}; width and height must be multiples of {step} "
             "for this model.",
             param="size",
+            code="invalid_value",
         )
     if not (limits.min_size <= width <= limits.max_width) or not (
         limits.min_size <= height <= limits.max_height
@@ -37,6 +38,7 @@ def _size(body: ImageGenerationRequest, limits: ImageLimits) -> tuple[int, int]:
             f"Invalid 'size': {body.size}; this model takes widths {limits.min_size} to "
             f"{limits.max_width} and heights {limits.min_size} to {limits.max_height}.",
             param="size",
+            code="invalid_value",
         )
     return width, height
 
@@ -44,7 +46,9 @@ def _size(body: ImageGenerationRequest, limits: ImageLimits) -> tuple[int, int]:
 def _at_most(param: str, value: float, limit: float) -> None:
     if value > limit:
         raise InvalidRequest(
-            f"Invalid '{param}': {value:g}; at most {limit:g} for this model.", param=param
+            f"Invalid '{param}': {value:g}; at most {limit:g} for this model.",
+            param=param,
+            code="invalid_value",
         )
 
 
@@ -69,6 +73,7 @@ def prepare(
             raise InvalidRequest(
                 f"Invalid '{param}': {len(text)} characters, at most {limits.max_prompt_chars}.",
                 param=param,
+                code="invalid_value",
             )
     scheduler = ""
     if body.scheduler is not None:
@@ -77,8 +82,17 @@ def prepare(
             raise InvalidRequest(
                 f"Invalid 'scheduler': {body.scheduler!r}; this model takes one of: {names}.",
                 param="scheduler",
+                code="invalid_value",
             )
         scheduler = limits.schedulers[body.scheduler]
+    fewest = limits.min_steps(scheduler or limits.default_scheduler)
+    if steps < fewest:
+        which = f"scheduler '{body.scheduler}'" if body.scheduler else "this model's scheduler"
+        raise InvalidRequest(
+            f"Invalid 'num_inference_steps': {steps}; {which} takes at least {fewest}.",
+            param="num_inference_steps",
+            code="invalid_value",
+        )
     return Job(
         type=JobType.IMAGES_GENERATIONS,
         model=spec.id,

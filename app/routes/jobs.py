@@ -11,12 +11,13 @@ import orjson
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, HearthError, InvalidRequest, NotFound, translate, within
 from app.responses import JSONResponse
 from app.routes import embeddings, images
 from app.schemas import EmbeddingsJob, ErrorBody, JobRequest, JobView
 from app.state import AppState, StateDep
 from app.submit import accept, public_base
+from models.registry import UnknownModelError
 from workers.protocol import TERMINAL_STATUSES, JobStatus, absolute_urls
 
 router = APIRouter(tags=["jobs"])
@@ -44,12 +45,17 @@ async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSO
             "Invalid 'webhook': this deployment cannot sign webhooks "
             "(HEARTH_WEBHOOK_SECRET is not set).",
             param="webhook",
+            code="webhooks_disabled",
         )
     deadline = state.settings.job_timeout_s
-    if isinstance(body, EmbeddingsJob):
-        job = embeddings.prepare(body.input, state, deadline)
-    else:
-        job = images.prepare(body.input, state, deadline)
+    try:
+        if isinstance(body, EmbeddingsJob):
+            job = embeddings.prepare(body.input, state, deadline)
+        else:
+            job = images.prepare(body.input, state, deadline)
+    except (HearthError, UnknownModelError) as exc:
+        # The routes name fields of their own body, which here sits in 'input'.
+        raise within("input", translate(exc)) from None
     if webhook:
         job = job.with_webhook(webhook)
     return await accept(state, request, job, body.input)
