@@ -350,7 +350,7 @@ class Dispatcher:
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""
         record = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
-        return job_view(job_id, record) if record else None
+        return job_view(job_id, record)
 
     async def _read_outcomes(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
         """Each job's reply as its record holds it; None for a job not yet ended,

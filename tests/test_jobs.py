@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import http.server
 import signal
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,14 @@ import httpx
 import orjson
 import pytest
 import redis
+from pydantic import SecretStr
+from redis.asyncio import Redis as AsyncRedis
 
+from hearth.settings import Settings
 from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
 from tests.support import free_port, start_api, wait_for
 from workers.protocol import Keys
+from workers.webhooks import WebhookSender
 
 pytestmark = pytest.mark.integration
 
@@ -262,9 +268,12 @@ def test_cancelling_a_finished_job_says_so(client: httpx.Client) -> None:
 
 
 class Receiver:
-    """A local webhook endpoint that answers with the statuses it is given, then 200."""
+    """A local webhook endpoint that answers with the statuses it is given, then 200;
+    ``on_delivery`` runs with each delivery's job id before it is answered."""
 
-    def __init__(self, statuses: list[int]) -> None:
+    def __init__(
+        self, statuses: list[int], on_delivery: Callable[[str], None] | None = None
+    ) -> None:
         self.statuses = statuses
         self.received: list[tuple[dict[str, str], bytes]] = []
         receiver = self
@@ -273,6 +282,8 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.received.append((dict(self.headers), body))
+                if on_delivery is not None:
+                    on_delivery(self.headers["Hearth-Job-Id"])
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 self.end_headers()
@@ -330,6 +341,57 @@ def test_a_failing_webhook_never_fails_the_job(client: httpx.Client, stack: Stac
     done = wait_until(client, job["id"], ended)
     assert done["status"] == "succeeded"
     assert done["webhook"] == dead
+
+
+def test_a_webhook_that_outlives_its_job_leaves_no_record_behind(
+    client: httpx.Client, stack: Stack, redis_client: redis.Redis
+) -> None:
+    keys = Keys(stack.namespace)
+    # The record expires while the delivery is under way (a result TTL shorter
+    # than the retries): the delivery's outcome must not bring it back.
+    receiver = Receiver([], on_delivery=lambda job_id: redis_client.delete(keys.job(job_id)))
+    try:
+        job = submit(client, "embeddings", {"model": MODEL, "input": "gone"}, webhook=receiver.url)
+        receiver.wait(1)
+        time.sleep(1)  # the sender notes the delivery just after its answer
+    finally:
+        receiver.close()
+    assert not redis_client.exists(keys.job(job["id"]))
+    for method in ("GET", "DELETE"):
+        response = client.request(method, f"/v1/jobs/{job['id']}")
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "job_not_found"
+
+
+def test_what_is_left_of_an_expired_record_reads_as_not_found(
+    client: httpx.Client, stack: Stack, redis_client: redis.Redis
+) -> None:
+    # Such a bare hash, with no TTL, was all a late webhook outcome left before.
+    job_id = f"job_{uuid.uuid4().hex}"
+    redis_client.hset(Keys(stack.namespace).job(job_id), "webhook_status", "failed")
+    for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/events")):
+        response = client.request(method, f"/v1/jobs/{job_id}{path}")
+        assert response.status_code == 404, response.text
+
+
+def test_a_webhook_of_a_record_gone_is_not_sent(stack: Stack, redis_url: str) -> None:
+    receiver = Receiver([])
+    settings = Settings(webhook_secret=SecretStr(WEBHOOK_SECRET), webhook_attempts=1)
+
+    async def deliver() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        sender = WebhookSender(settings, client, Keys(stack.namespace))
+        try:
+            await sender.deliver(f"job_{uuid.uuid4().hex}", receiver.url)
+        finally:
+            await sender.drain()
+            await client.aclose()
+
+    try:
+        asyncio.run(deliver())
+        assert receiver.received == []
+    finally:
+        receiver.close()
 
 
 def test_webhooks_need_a_secret(stack: Stack, tmp_path: Path) -> None:

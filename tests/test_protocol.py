@@ -16,12 +16,14 @@ from workers.protocol import (
     RETRY_SCRIPT,
     START_SCRIPT,
     TERMINAL_STATUSES,
+    WEBHOOK_STATUS_SCRIPT,
     Job,
     JobError,
     JobStatus,
     JobType,
     Keys,
     Outcome,
+    job_view,
     parse_reply,
     reply_head,
 )
@@ -206,6 +208,30 @@ def test_finish_does_not_recreate_an_expired_record(
     events = Keys(namespace).events("job_gone")
     assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b"", events]) == 0
     assert not redis_client.exists(key)
+
+
+def test_a_webhook_status_is_noted_only_on_a_record_that_exists(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    note = redis_client.register_script(WEBHOOK_STATUS_SCRIPT)
+    key = _seed(redis_client, Keys(namespace), make_job())
+    redis_client.expire(key, 60)
+    assert note(keys=[key], args=["delivered"]) == 1
+    assert redis_client.hget(key, "webhook_status") == b"delivered"
+    assert 0 < redis_client.ttl(key) <= 60  # the record's TTL is kept
+    gone = Keys(namespace).job("job_gone")
+    assert note(keys=[gone], args=["failed"]) == 0
+    assert not redis_client.exists(gone)  # no bare hash, living forever
+
+
+def test_a_record_without_its_core_fields_is_no_job() -> None:
+    job = make_job()
+    record = {key.encode(): str(value).encode() for key, value in job.hash_fields().items()}
+    view = job_view(job.id, record)
+    assert view is not None and view["status"] == "queued"
+    assert job_view(job.id, {}) is None
+    # What a webhook delivery that outlived the record used to leave behind.
+    assert job_view(job.id, {b"webhook_status": b"failed"}) is None
 
 
 def test_every_script_touches_the_keys_of_one_hash_tag() -> None:

@@ -154,8 +154,17 @@ class Job:
         return fields
 
 
-def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any]:
-    """A job as `GET /v1/jobs/{id}`, its events and its webhook show it."""
+# The fields every job record holds from its submission on. A record without
+# them is not a job: it expired, and at most a late write (a webhook's outcome
+# written by an older version of Hearth) is left of it.
+CORE_FIELDS = (b"type", b"model", b"status")
+
+
+def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any] | None:
+    """A job as `GET /v1/jobs/{id}`, its events and its webhook show it; None when
+    ``record`` is not a whole job (see ``CORE_FIELDS``), which reads as not found."""
+    if not all(name in record for name in CORE_FIELDS):
+        return None
 
     def number(name: bytes) -> float | None:
         return float(record[name]) if name in record else None
@@ -339,5 +348,14 @@ if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ARGV[4]) end
 redis.call('PUBLISH', ARGV[8], '{"event":"' .. ARGV[1] .. '"}')
+return 1
+"""
+
+# KEYS[1] job hash; ARGV: how its webhook delivery went. Written only while the
+# record exists: HSET keeps an existing key's TTL, but on a record that expired
+# during the delivery it would create a bare hash that never expires.
+WEBHOOK_STATUS_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], 'status') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'webhook_status', ARGV[1])
 return 1
 """

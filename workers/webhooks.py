@@ -5,7 +5,7 @@ Stripe's webhooks: ``Hearth-Signature: t=<unix time>,v1=<hex>`` where the hex
 is HMAC-SHA256 of ``"<t>." + body`` under ``HEARTH_WEBHOOK_SECRET``, so a
 receiver can check both origin and freshness. Deliveries are retried with
 exponential backoff; a failed delivery never changes the job's status, and is
-noted in the job's record (``webhook_status``).
+noted in the job's record (``webhook_status``) while that record exists.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hearth.settings import Settings
-from workers.protocol import Keys, absolute_urls, job_view
+from workers.protocol import WEBHOOK_STATUS_SCRIPT, Keys, absolute_urls, job_view
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,18 @@ class WebhookSender:
 
     def send(self, job_id: str, url: str) -> None:
         """Deliver in the background; the batch that ended the job does not wait."""
-        task = asyncio.create_task(self._deliver(job_id, url))
+        task = asyncio.create_task(self.deliver(job_id, url))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, job_id: str, url: str) -> None:
-        record = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
-        view = absolute_urls(job_view(job_id, record), self.settings.public_url)
-        body = orjson.dumps(view)
+    async def deliver(self, job_id: str, url: str) -> None:
+        """POST the job as its record shows it, retrying; note how that went on the record."""
+        key = self.keys.job(job_id)
+        view = job_view(job_id, cast(dict[bytes, bytes], await self.redis.hgetall(key)))
+        if view is None:  # expired already (a TTL shorter than the run): nothing to tell
+            logger.warning("job %s: no webhook to %s, its record is gone", job_id, url)
+            return
+        body = orjson.dumps(absolute_urls(view, self.settings.public_url))
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=10.0)
         status = "delivered"
@@ -73,7 +77,7 @@ class WebhookSender:
         except (DeliveryFailed, httpx.HTTPError) as exc:
             status = "failed"
             logger.warning("job %s: webhook to %s failed for good: %s", job_id, url, exc)
-        await self.redis.hset(self.keys.job(job_id), "webhook_status", status)
+        await self.redis.eval(WEBHOOK_STATUS_SCRIPT, 1, key, status)
 
     async def _post(self, url: str, body: bytes, job_id: str) -> None:
         assert self._client is not None
