@@ -8,6 +8,10 @@ of each job waited on for longer than ``POLL_S`` and finds the outcome there;
 it also ends the waits that pass their deadline, and those whose job's record
 is gone (Redis lost its data) at once.
 
+Reading a job also ends it `expired` when it is still queued past its deadline,
+so that a job no worker took still ends; the dispatcher then delivers its
+webhook.
+
 Jobs submitted at the same moment (a burst of requests handled in one turn of
 the event loop) travel to Redis in one pipeline.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,15 +35,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.errors import Conflict, Overloaded, Unavailable
 from workers.protocol import (
     ENQUEUE_SCRIPT,
+    EXPIRE_SCRIPT,
     FINISH_SCRIPT,
     TERMINAL_STATUSES,
     Job,
     JobStatus,
     Keys,
+    expire_args,
     job_view,
     parse_reply,
     queue_script,
 )
+from workers.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +89,24 @@ class _Waiter:
 
 
 class Dispatcher:
-    def __init__(self, redis: Redis, keys: Keys, result_ttl_s: int, max_queue_depth: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        result_ttl_s: int,
+        max_queue_depth: int,
+        webhooks: WebhookSender | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.max_queue_depth = max_queue_depth
+        self.webhooks = webhooks  # None: the jobs this process ends tell no webhook
         self.channel = keys.replies(uuid.uuid4().hex)
         self._waiting: dict[str, list[_Waiter]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._finish = redis.register_script(FINISH_SCRIPT)
+        self._expire = redis.register_script(EXPIRE_SCRIPT)
         # Submits not yet sent (the job, its TTL, whether its record is written
         # already), and the pipelines sending the others.
         self._submits: list[tuple[Job, int, bool, asyncio.Future[bytes | None]]] = []
@@ -177,7 +194,8 @@ class Dispatcher:
         Raises Overloaded (429) when the model's queue is full, Conflict (409)
         when the key came with another request or its job has expired.
         """
-        ttl = self.result_ttl_s + int(job.deadline - job.created_at)
+        # Rounded up: the job's clock starts a moment after its deadline was set.
+        ttl = self.result_ttl_s + math.ceil(job.deadline - job.created_at)
         if idempotency is not None:
             earlier = await self._claim(job, ttl, idempotency)
             if earlier is not None:
@@ -348,9 +366,27 @@ class Dispatcher:
                     future.set_exception(exc)
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
-        """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired."""
-        record = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
+        """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired.
+
+        A job still queued past its deadline is ended `expired` first: no worker
+        may be there to meet its entry and do it.
+        """
+        key = self.keys.job(job_id)
+        record = cast(dict[bytes, bytes], await self.redis.hgetall(key))
+        if record.get(b"status") == JobStatus.QUEUED.value.encode():
+            now = time.time()
+            if float(record.get(b"deadline", math.inf)) < now:
+                args = expire_args(self.keys, job_id, now, self.result_ttl_s)
+                if await self._expire(keys=[key], args=args):
+                    logger.info("job expired in the queue", extra={"job_id": job_id})
+                    self._tell_webhook(job_id, record.get(b"webhook"))
+                record = cast(dict[bytes, bytes], await self.redis.hgetall(key))
         return job_view(job_id, record)
+
+    def _tell_webhook(self, job_id: str, url: bytes | None) -> None:
+        """Deliver the webhook of a job this process ended, if it has one."""
+        if url and self.webhooks is not None:
+            self.webhooks.send(job_id, url.decode())
 
     async def _read_outcomes(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
         """Each job's reply as its record holds it; None for a job not yet ended,

@@ -26,6 +26,7 @@ from hearth.memory import freeze_startup_objects
 from hearth.settings import Settings, get_settings
 from models.registry import Registry
 from workers.protocol import Keys
+from workers.webhooks import WebhookSender
 
 SUBSCRIBER_CONNECTIONS = 65_536  # one per event-stream follower
 
@@ -57,12 +58,17 @@ def build_state(settings: Settings) -> AppState:
     keys = Keys(settings.namespace)
     registry = Registry.scan(settings.model_store)
     served = {spec.id: spec for spec in registry.select(settings.models)}
+    # The API tells the webhooks of the jobs it ends itself: expired in the queue.
+    webhooks = WebhookSender(settings, redis, keys)
     return AppState(
         settings=settings,
         redis=redis,
         subscriber=subscriber,
         served=served,
-        dispatcher=Dispatcher(redis, keys, settings.result_ttl_s, settings.max_queue_depth),
+        dispatcher=Dispatcher(
+            redis, keys, settings.result_ttl_s, settings.max_queue_depth, webhooks
+        ),
+        webhooks=webhooks,
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
         metrics=Metrics(),
         api_keys=settings.all_api_keys(),
@@ -81,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.dispatcher.stop()
+            await state.webhooks.drain()
             await state.redis.aclose()
             await state.subscriber.aclose()
 

@@ -15,6 +15,7 @@ from app.fleet import Fleet
 from app.telemetry import Metrics
 from hearth.settings import Settings
 from models.registry import ModelKind, ModelSpec, UnknownModelError
+from workers.webhooks import WebhookSender
 
 
 @dataclass
@@ -24,6 +25,7 @@ class AppState:
     subscriber: Redis  # event-stream subscriptions, one connection each
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
+    webhooks: WebhookSender  # deliveries for the jobs this process ends, drained at shutdown
     fleet: Fleet
     metrics: Metrics
     api_keys: list[str]  # empty: no key needed

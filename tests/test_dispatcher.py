@@ -295,3 +295,39 @@ def test_a_job_that_cannot_be_encoded_fails_alone(redis_url: str, namespace: str
     for outcome in outcomes[:1] + outcomes[2:]:
         assert isinstance(outcome, dict), outcome
         assert outcome["status"] == "succeeded"
+
+
+def test_a_record_lives_its_whole_deadline_and_then_the_result_ttl(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> int:
+        job = make_job(dispatcher.channel, deadline_s=30)
+        await dispatcher.submit(job)
+        return int(await client.pttl(keys.job(job.id)))
+
+    # 30 s to its deadline and 60 s of result TTL; not a second short of that.
+    assert 89_000 < with_dispatcher(redis_url, namespace, body) <= 90_000
+
+
+def test_reading_a_queued_job_past_its_deadline_ends_it_expired(
+    redis_url: str, namespace: str
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> tuple[Any, ...]:
+        job = make_job(dispatcher.channel, deadline_s=0.3)
+        await dispatcher.submit(job)
+        before = await dispatcher.view(job.id)
+        await asyncio.sleep(0.5)
+        after = await dispatcher.view(job.id)
+        return before, after, await client.ttl(keys.job(job.id))
+
+    before, after, ttl = with_dispatcher(redis_url, namespace, body)
+    assert before["status"] == "queued"
+    assert after["status"] == "expired"
+    assert after["error"]["type"] == "timeout"
+    assert after["finished_at"] >= after["created_at"] + 0.3
+    assert after["started_at"] is None and after["attempts"] == 0
+    assert 0 < ttl <= 60  # the result TTL, counted from its end

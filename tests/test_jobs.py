@@ -25,7 +25,7 @@ from redis.asyncio import Redis as AsyncRedis
 from hearth.settings import Settings
 from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
 from tests.support import free_port, start_api, wait_for
-from workers.protocol import Keys
+from workers.protocol import Job, JobType, Keys
 from workers.webhooks import WebhookSender
 
 pytestmark = pytest.mark.integration
@@ -302,6 +302,9 @@ class Receiver:
             time.sleep(0.05)
         assert len(self.received) >= count, f"got {len(self.received)} deliveries, wanted {count}"
 
+    def statuses_delivered(self) -> list[str]:
+        return [orjson.loads(body)["status"] for _, body in self.received]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -392,6 +395,90 @@ def test_a_webhook_of_a_record_gone_is_not_sent(stack: Stack, redis_url: str) ->
         assert receiver.received == []
     finally:
         receiver.close()
+
+
+@pytest.fixture
+def idle_api(
+    stack: Stack, namespace: str, tmp_path: Path
+) -> Iterator[tuple[httpx.Client, redis.Redis]]:
+    """An API whose jobs no worker takes, with a 1 s job deadline and a 5 s result TTL."""
+    env = {
+        **stack.env,
+        "HEARTH_NAMESPACE": namespace,
+        "HEARTH_JOB_TIMEOUT_S": "1",
+        "HEARTH_RESULT_TTL_S": "5",
+    }
+    api, url = start_api(env, tmp_path)
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        wait_for(f"{url}/healthz", [api])
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield http, client
+    finally:
+        api.stop()
+        client.close()
+
+
+def test_a_queued_job_nobody_takes_ends_expired(
+    idle_api: tuple[httpx.Client, redis.Redis], namespace: str
+) -> None:
+    client, redis_client = idle_api
+    receiver = Receiver([])
+    try:
+        job = submit(client, "embeddings", {"model": MODEL, "input": "late"}, webhook=receiver.url)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            following = pool.submit(events, client, job["id"])
+            time.sleep(0.5)
+            assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+            time.sleep(1)  # past its deadline
+            expired = client.get(f"/v1/jobs/{job['id']}").json()
+            received = following.result(timeout=10)
+        receiver.wait(1)
+        time.sleep(0.5)  # and no second delivery
+        assert receiver.statuses_delivered() == ["expired"]
+    finally:
+        receiver.close()
+    assert expired["status"] == "expired"
+    assert expired["error"]["type"] == "timeout"
+    assert expired["finished_at"] >= expired["created_at"] + 1
+    assert expired["started_at"] is None
+    # Its followers hear the end; the record lives the result TTL from then on.
+    assert [name for name, _ in received] == ["queued", "expired"]
+    assert received[-1][1]["status"] == "expired"
+    assert 0 < redis_client.pttl(Keys(namespace).job(job["id"])) <= 5000
+    again = client.delete(f"/v1/jobs/{job['id']}")
+    assert again.status_code == 409
+    assert "already ended (expired)" in again.json()["error"]["message"]
+
+
+def test_a_worker_meeting_a_job_past_its_deadline_ends_it_unstarted(
+    client: httpx.Client, stack: Stack, redis_client: redis.Redis
+) -> None:
+    # Queued as the API queues it, already past its deadline; nobody reads it,
+    # so the worker is the one to meet it.
+    receiver = Receiver([])
+    keys = Keys(stack.namespace)
+    job = Job(
+        type=JobType.EMBEDDINGS,
+        model=MODEL,
+        input={"input": ["too late"], "encoding_format": "float", "dimensions": None},
+        deadline=time.time() - 1,
+        webhook=receiver.url,
+    )
+    redis_client.hset(keys.job(job.id), mapping=job.hash_fields())  # type: ignore[arg-type]
+    redis_client.expire(keys.job(job.id), 60)
+    redis_client.xadd(keys.stream(MODEL), {"job": job.to_json()})
+    try:
+        receiver.wait(1)
+        time.sleep(0.5)
+        assert receiver.statuses_delivered() == ["expired"]
+    finally:
+        receiver.close()
+    done = client.get(f"/v1/jobs/{job.id}").json()
+    assert done["status"] == "expired"
+    assert done["error"]["type"] == "timeout"
+    assert done["attempts"] == 0 and done["started_at"] is None  # it never started
+    assert 60 < redis_client.ttl(keys.job(job.id)) <= 3600  # the result TTL, from its end
 
 
 def test_webhooks_need_a_secret(stack: Stack, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from app.auth import TOKEN_BUCKET_SCRIPT
 from workers import protocol
 from workers.protocol import (
     ENQUEUE_SCRIPT,
+    EXPIRE_SCRIPT,
     FINISH_SCRIPT,
     LEASE_SCRIPT,
     RETRY_SCRIPT,
@@ -23,6 +24,7 @@ from workers.protocol import (
     JobType,
     Keys,
     Outcome,
+    expire_args,
     job_view,
     parse_reply,
     reply_head,
@@ -208,6 +210,50 @@ def test_finish_does_not_recreate_an_expired_record(
     events = Keys(namespace).events("job_gone")
     assert finish(keys=[key], args=["succeeded", 1.0, 60, b"{}", b"", "", b"", events]) == 0
     assert not redis_client.exists(key)
+
+
+def test_expire_ends_only_a_queued_job_past_its_deadline(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    expire = redis_client.register_script(EXPIRE_SCRIPT)
+    start = redis_client.register_script(START_SCRIPT)
+    late = make_job(deadline=time.time() - 1)
+    key = _seed(redis_client, keys, late)
+    redis_client.expire(key, 3600)
+    channel = f"{namespace}:replies:test"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel, keys.events(late.id))
+    for _ in range(2):
+        pubsub.get_message(timeout=1)
+
+    now = time.time()
+    assert expire(keys=[key], args=expire_args(keys, late.id, now, 60, channel)) == 1
+    record = redis_client.hgetall(key)
+    assert record[b"status"] == b"expired"
+    assert float(record[b"finished_at"]) == now
+    assert orjson.loads(record[b"error"])["type"] == "timeout"
+    assert b"started_at" not in record and record[b"attempts"] == b"0"  # it never ran
+    assert 0 < redis_client.ttl(key) <= 60  # kept like any ended job, from its end
+    reply, event = pubsub.get_message(timeout=2), pubsub.get_message(timeout=2)
+    assert reply is not None and event is not None
+    assert parse_reply(reply["data"])["status"] == "expired"
+    assert orjson.loads(event["data"]) == {"event": "expired"}
+    pubsub.close()
+    # Once ended it stays so: a second expiry and a worker's start change nothing.
+    assert expire(keys=[key], args=expire_args(keys, late.id, time.time(), 60)) == 0
+    assert start(keys=[key], args=[time.time(), keys.events(late.id)])[0] == b"expired"
+
+    due_later = make_job(deadline=time.time() + 60)
+    key = _seed(redis_client, keys, due_later)
+    assert expire(keys=[key], args=expire_args(keys, due_later.id, time.time(), 60)) == 0
+    running = make_job(deadline=time.time() - 1)
+    key = _seed(redis_client, keys, running)
+    redis_client.hset(key, "status", "running")
+    assert expire(keys=[key], args=expire_args(keys, running.id, time.time(), 60)) == 0
+    gone = keys.job("job_gone")
+    assert expire(keys=[gone], args=expire_args(keys, "job_gone", time.time(), 60)) == 0
+    assert not redis_client.exists(gone)
 
 
 def test_a_webhook_status_is_noted_only_on_a_record_that_exists(

@@ -215,6 +215,10 @@ class JobError:
         return {"message": self.message, "type": self.type, "param": self.param}
 
 
+# Why a job nobody finished before its deadline ended `expired`.
+EXPIRED_ERROR = JobError("the deadline passed before a worker could run the job", "timeout")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """A finished job: its terminal status with either the result body or the error."""
@@ -350,6 +354,39 @@ if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7] .. ARGV[4]) end
 redis.call('PUBLISH', ARGV[8], '{"event":"' .. ARGV[1] .. '"}')
 return 1
 """
+
+# KEYS[1] job hash; ARGV: now, ttl, error JSON, events channel, reply channel,
+# reply (see reply_head). Ends a queued job whose deadline has passed as
+# expired, the way FINISH_SCRIPT ends a job: its error, finished_at, a record
+# kept ttl seconds from now, the reply and the final event. Whoever meets the
+# job first runs it: the API reading it, or a worker taking its entry. Returns
+# 1 when this call ended the job, 0 when it is not queued, not yet due, or gone.
+EXPIRE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local deadline = redis.call('HGET', KEYS[1], 'deadline')
+if not deadline or tonumber(deadline) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'expired', 'finished_at', ARGV[1], 'error', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+redis.call('PUBLISH', ARGV[4], '{"event":"expired"}')
+return 1
+"""
+
+
+def expire_args(
+    keys: Keys, job_id: str, now: float, ttl: int, reply_to: str | None = None
+) -> list[Any]:
+    """EXPIRE_SCRIPT's arguments, the same whether the API or a worker expires the job."""
+    outcome = Outcome(JobStatus.EXPIRED, error=EXPIRED_ERROR)
+    return [
+        now,
+        ttl,
+        orjson.dumps(EXPIRED_ERROR.to_dict()),
+        keys.events(job_id),
+        reply_to or "",
+        reply_head(job_id, outcome, None, now) if reply_to else b"",
+    ]
+
 
 # KEYS[1] job hash; ARGV: how its webhook delivery went. Written only while the
 # record exists: HSET keeps an existing key's TTL, but on a record that expired

@@ -44,6 +44,8 @@ from workers.hooks import BatchHooks
 from workers.metrics import WorkerMetrics
 from workers.protocol import (
     CONSUMER_GROUP,
+    EXPIRE_SCRIPT,
+    EXPIRED_ERROR,
     FINISH_SCRIPT,
     LEASE_SCRIPT,
     PROGRESS_SCRIPT,
@@ -55,6 +57,7 @@ from workers.protocol import (
     JobStatus,
     Keys,
     Outcome,
+    expire_args,
     queue_script,
     reply_head,
 )
@@ -574,34 +577,44 @@ class Worker:
     ) -> tuple[list[Job], dict[str, Outcome], dict[str, int], set[str]]:
         """Mark jobs running. Returns those to run, outcomes for those that must not
         (expired, or over the attempt limit), each started job's attempt number,
-        and the ids of the jobs another live worker is running."""
+        and the ids of the jobs another live worker is running.
+
+        A job still queued past its deadline ends `expired` without starting, as
+        the API ends it when it reads it first; its webhook is told here.
+        """
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
+        overdue = [job for job in jobs if job.deadline < now]
+        for job in overdue:
+            args = expire_args(self.keys, job.id, now, self.settings.result_ttl_s, job.reply_to)
+            queue_script(pipe, EXPIRE_SCRIPT, [self.keys.job(job.id)], args)
         for job in jobs:
             args = [now, self.keys.events(job.id), self.name, self.settings.reclaim_after_s]
             queue_script(pipe, START_SCRIPT, [self.keys.job(job.id)], args)
         replies = await pipe.execute()
+        for job, expired in zip(overdue, replies[: len(overdue)], strict=True):
+            if expired:
+                self.metrics.jobs.labels(job.model, JobStatus.EXPIRED.value).inc()
+                if job.webhook:
+                    self.webhooks.send(job.id, job.webhook)
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
         attempts: dict[str, int] = {}
         busy: set[str] = set()
-        for job, (status, attempt, last_error) in zip(jobs, replies, strict=True):
+        starts = replies[len(overdue) :]
+        for job, (status, attempt, last_error) in zip(jobs, starts, strict=True):
             if status == b"busy":
                 logger.warning("job %s: not run, another live worker is running it", job.id)
                 busy.add(job.id)
                 continue
             if status != b"running":
-                # Cancelled, already finished by another worker, or its record expired.
+                # Cancelled, expired in the queue, finished by another worker, or its record gone.
                 logger.info("job %s: not run, status is %s", job.id, status.decode())
                 continue
             attempts[job.id] = int(attempt)
             if job.deadline < now:
-                ended[job.id] = Outcome(
-                    JobStatus.EXPIRED,
-                    error=JobError(
-                        "the deadline passed before a worker could run the job", "timeout"
-                    ),
-                )
+                # Taken over past its deadline from a worker that went silent.
+                ended[job.id] = Outcome(JobStatus.EXPIRED, error=EXPIRED_ERROR)
             elif attempts[job.id] > self.settings.max_attempts:
                 # Earlier attempts never ended: the worker running them died each time.
                 last = orjson.loads(last_error)["message"] if last_error else "its worker stopped"
