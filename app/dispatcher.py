@@ -10,7 +10,7 @@ is gone (Redis lost its data) at once.
 
 Reading a job also ends it `expired` when it is still queued past its deadline,
 so that a job no worker took still ends; the dispatcher then delivers its
-webhook.
+webhook, as it does for the jobs it cancels.
 
 Jobs submitted at the same moment (a burst of requests handled in one turn of
 the event loop) travel to Redis in one pipeline.
@@ -434,6 +434,11 @@ class Dispatcher:
             ],
         )
         if ended:
-            # A worker running it stops at its next step.
-            await self.redis.publish(self.keys.cancellations(), job_id)
+            # A worker running it stops at its next step; the webhook is told here,
+            # as the worker's own finish comes second and ends nothing.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.publish(self.keys.cancellations(), job_id)
+            pipe.hget(self.keys.job(job_id), "webhook")
+            _, url = await pipe.execute()
+            self._tell_webhook(job_id, url)
         return bool(ended)

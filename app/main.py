@@ -58,7 +58,7 @@ def build_state(settings: Settings) -> AppState:
     keys = Keys(settings.namespace)
     registry = Registry.scan(settings.model_store)
     served = {spec.id: spec for spec in registry.select(settings.models)}
-    # The API tells the webhooks of the jobs it ends itself: expired in the queue.
+    # The API tells the webhooks of the jobs it ends itself: cancelled, or expired in the queue.
     webhooks = WebhookSender(settings, redis, keys)
     return AppState(
         settings=settings,

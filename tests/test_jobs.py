@@ -451,6 +451,43 @@ def test_a_queued_job_nobody_takes_ends_expired(
     assert "already ended (expired)" in again.json()["error"]["message"]
 
 
+def test_a_queued_job_cancelled_tells_its_webhook(
+    idle_api: tuple[httpx.Client, redis.Redis],
+) -> None:
+    client, _ = idle_api
+    receiver = Receiver([])
+    try:
+        job = submit(client, "embeddings", {"model": MODEL, "input": "no"}, webhook=receiver.url)
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 200
+        receiver.wait(1)
+        _, body = receiver.received[0]
+        delivered = orjson.loads(body)
+        assert delivered["id"] == job["id"]
+        assert delivered["status"] == "cancelled"
+        assert delivered["attempts"] == 0
+        time.sleep(1.5)  # past its deadline too: read again, it stays cancelled, told once
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+        assert receiver.statuses_delivered() == ["cancelled"]
+    finally:
+        receiver.close()
+
+
+def test_a_running_job_cancelled_tells_its_webhook_once(client: httpx.Client) -> None:
+    receiver = Receiver([])
+    try:
+        job = submit(client, "images.generations", SLOW, webhook=receiver.url)
+        wait_until(client, job["id"], lambda j: (j["progress"] or {}).get("step", 0) >= 1)
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 200
+        # Once the worker took the next job, it has stored what it made of this one.
+        probe = submit(client, "images.generations", QUICK)
+        assert wait_until(client, probe["id"], ended, timeout_s=30)["status"] == "succeeded"
+        receiver.wait(1)
+        time.sleep(1)
+        assert receiver.statuses_delivered() == ["cancelled"]
+    finally:
+        receiver.close()
+
+
 def test_a_worker_meeting_a_job_past_its_deadline_ends_it_unstarted(
     client: httpx.Client, stack: Stack, redis_client: redis.Redis
 ) -> None:

@@ -6,6 +6,10 @@ is HMAC-SHA256 of ``"<t>." + body`` under ``HEARTH_WEBHOOK_SECRET``, so a
 receiver can check both origin and freshness. Deliveries are retried with
 exponential backoff; a failed delivery never changes the job's status, and is
 noted in the job's record (``webhook_status``) while that record exists.
+
+Whoever ends a job delivers its webhook, once: a worker for the jobs it ends,
+the API for the jobs it cancels or finds past their deadline. The status
+scripts say which call ended a job, so no ending is told twice.
 """
 
 from __future__ import annotations

@@ -471,7 +471,7 @@ class Worker:
 
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        stored: dict[str, int] = {}  # job id → index of its FINISH in the pipeline
+        finishes: dict[str, int] = {}  # job id → where its FINISH_SCRIPT reply lands
         for job in jobs:
             outcome = outcomes.get(job.id)
             if outcome is None:
@@ -481,8 +481,7 @@ class Worker:
                 continue
             if outcome.retryable:
                 outcome = self._give_up(pipe, job, outcome, attempts[job.id])
-            self._store(pipe, job, outcome, started, now)
-            stored[job.id] = len(pipe) - 1
+            finishes[job.id] = self._store(pipe, job, outcome, started, now)
             self.metrics.jobs.labels(model_id, outcome.status.value).inc()
             self.metrics.run_seconds.labels(model_id).observe(now - started)
         # An entry whose job another live worker is running stays where it is: that
@@ -497,9 +496,10 @@ class Worker:
         replies = await pipe.execute()
         for job in jobs:
             self.cancelled.pop(job.id, None)
-            # Only the worker whose FINISH ended the job tells its webhook: a job
-            # that a late or redelivered run finds ended was told already.
-            if job.webhook and job.id in stored and replies[stored[job.id]] == 1:
+            # Only the finish that ended the job tells its webhook: one that found it
+            # ended already (cancelled by the API, which told it, or stored by a
+            # run of another worker) tells nothing.
+            if job.webhook and job.id in finishes and replies[finishes[job.id]] == 1:
                 self.webhooks.send(job.id, job.webhook)
 
     def _unfollowed(self, model_id: str, jobs: list[Job]) -> bool:
@@ -624,10 +624,13 @@ class Worker:
                 runnable.append(job)
         return runnable, ended, attempts, busy
 
-    def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> None:
+    def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> int:
+        """Queue the job's outcome on ``pipe``. Returns where, among the pipeline's
+        replies, FINISH_SCRIPT's lands: 1 there when this outcome ended the job."""
         for file_id, content in outcome.files.items():
             pipe.set(self.keys.file(file_id), content, ex=self.settings.result_ttl_s)
         error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
+        index = len(pipe)
         queue_script(
             pipe,
             FINISH_SCRIPT,
@@ -643,6 +646,7 @@ class Worker:
                 self.keys.events(job.id),
             ],
         )
+        return index
 
     def report_progress(self, job_ids: list[str], step: int, total: int) -> None:
         """Called on the event loop: record and announce a batch's progress."""
