@@ -17,6 +17,8 @@ from pydantic import (
     Field,
     HttpUrl,
     TypeAdapter,
+    ValidationInfo,
+    field_validator,
 )
 
 
@@ -32,6 +34,8 @@ def _unicode(value: str) -> str:
         ) from None
     return value
 
+
+MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes
 
 # A free-text field: any string that is valid Unicode.
 Text = Annotated[str, AfterValidator(_unicode)]
@@ -163,7 +167,7 @@ class ImageGenerationRequest(BaseModel):
         default=None,
         ge=0,
         strict=True,
-        le=2**63 - 1,
+        le=MAX_SEED,
         description="Same request and seed, same image. Unset: a random seed, reported back.",
     )
     scheduler: Text | None = Field(
@@ -172,6 +176,44 @@ class ImageGenerationRequest(BaseModel):
     quality: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
     style: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
     user: Text | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    safety_identifier: Text | None = Field(
+        default=None, description="Accepted for compatibility; ignored."
+    )
+    # Fields of OpenAI's newer image models: accepted where Hearth does what they
+    # ask anyway, refused (naming the field) where it cannot.
+    output_format: Literal["png"] | None = Field(
+        default=None, description="`png`, the only format Hearth writes."
+    )
+    output_compression: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        strict=True,
+        description="Accepted for compatibility; PNG is lossless, so it changes nothing.",
+    )
+    background: Literal["auto", "opaque"] | None = Field(
+        default=None, description="Accepted for compatibility: every image is opaque."
+    )
+    moderation: Literal["auto", "low"] | None = Field(
+        default=None, description="Accepted for compatibility; ignored."
+    )
+    stream: Literal[False] | None = Field(
+        default=None,
+        description="Streamed images are not offered; a queued job's progress streams from "
+        "`GET /v1/jobs/{id}/events`.",
+    )
+    partial_images: Literal[0] | None = Field(
+        default=None, description="Accepted for compatibility; only 0 (no stream)."
+    )
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        # Image i uses seed + i, itself a seed a request may send.
+        n = info.data.get("n", 1)
+        if seed is not None and seed + n - 1 > MAX_SEED:
+            raise ValueError(f"with n={n}, seed must be at most {MAX_SEED - n + 1}")
+        return seed
 
 
 class Image(BaseModel):

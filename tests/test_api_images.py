@@ -157,6 +157,14 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
         # Fields named like FastAPI's request locations are fields like any other.
         ({"body": 1}, "body", "Extra inputs"),
         ({"query": 1}, "query", "Extra inputs"),
+        # Image i takes seed + i: every one of them must be a seed a request may send.
+        ({"seed": 2**63 - 2, "n": 3}, "seed", "at most 9223372036854775805"),
+        # OpenAI's newer fields, where Hearth cannot do what they ask.
+        ({"output_format": "jpeg"}, "output_format", "png"),
+        ({"background": "transparent"}, "background", "opaque"),
+        ({"stream": True}, "stream", "False"),
+        ({"partial_images": 2}, "partial_images", "0"),
+        ({"output_compression": 101}, "output_compression", "less than or equal to 100"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(
@@ -266,4 +274,20 @@ def test_the_openai_client_generates_with_extensions(stack: Stack) -> None:
     assert again.data[0].b64_json == result.data[0].b64_json  # n=2 or alone: the same bytes
     with pytest.raises(openai.BadRequestError):
         oai.images.generate(model="demo-unet", prompt="x", size="100x100")  # type: ignore[arg-type]
+    # The fields of OpenAI's newer image models, where Hearth does what they ask anyway.
+    newer = oai.images.generate(
+        model="demo-unet",
+        prompt="a red fox",
+        size="64x64",  # type: ignore[arg-type]
+        output_format="png",
+        output_compression=100,
+        background="opaque",
+        moderation="auto",
+        stream=False,
+        partial_images=0,
+        quality="auto",
+        safety_identifier="user-1",
+        extra_body={"seed": 9, "num_inference_steps": 4, "scheduler": "euler"},
+    )
+    assert newer.data is not None and newer.data[0].b64_json
     oai.close()
