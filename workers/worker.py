@@ -515,11 +515,11 @@ class Worker:
         Only entries still this worker's are refreshed: one that another worker
         took over while this one was stalled is left to it.
         """
+        lease_s = self.settings.reclaim_after_s
+        await asyncio.sleep(lease_s / 3)  # most batches are done by then: nothing to do
         entry_ids = [entry_id for entry_id, _ in entries]
         job_keys = [self.keys.job(job_id) for job_id in map(_job_id, entries) if job_id]
-        lease_s = self.settings.reclaim_after_s
         while True:
-            await asyncio.sleep(lease_s / 3)
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
                 pending = await self.redis.xpending_range(
                     stream,
@@ -539,6 +539,7 @@ class Worker:
                 for key in job_keys:
                     queue_script(pipe, LEASE_SCRIPT, [key], [self.name, lease_s])
                 await pipe.execute()
+            await asyncio.sleep(lease_s / 3)
 
     def _retry(self, pipe: Any, job: Job, outcome: Outcome) -> None:
         """Queue another attempt: back to queued, as a new entry at the stream's end."""
