@@ -105,6 +105,7 @@ class Dispatcher:
         self.channel = keys.replies(uuid.uuid4().hex)
         self._waiting: dict[str, list[_Waiter]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._finish = redis.register_script(FINISH_SCRIPT)
         self._expire = redis.register_script(EXPIRE_SCRIPT)
         # Submits not yet sent (the job, its TTL, whether its record is written
@@ -119,16 +120,19 @@ class Dispatcher:
         ]
 
     async def stop(self) -> None:
+        # A cancellation that lands inside redis-py's reads can be absorbed there,
+        # the listener then reading on: the flag ends its loops within POLL_S.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._flushes, return_exceptions=True)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
-                while True:
+                while not self._stopping:
                     # A bounded wait: an unbounded one would trip the socket timeout.
                     message = await pubsub.get_message(timeout=POLL_S)
                     if message is not None:
@@ -148,7 +152,7 @@ class Dispatcher:
     async def _sweep(self) -> None:
         """End the waits past their deadline; find the outcomes whose reply went
         missing, and the jobs Redis lost."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(SWEEP_S)
             try:
                 now, clock = time.time(), time.monotonic()

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry  # the asyncio one: redis.retry's never awaits a retry
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 import hearth
 from app import errors

@@ -2,12 +2,14 @@
 
 Starts a private Redis-protocol server when REDIS_URL is unset, then one
 worker and the API as child processes. Ctrl-C or SIGTERM stops them in order
-(API, worker, Redis) and leaves nothing behind. Should a child die on its own,
-the rest are stopped too and the exit code says so.
+(API, worker, Redis) and leaves nothing behind. Should a child (or the private
+Redis) die on its own, the rest are stopped too and the exit code says so. One
+`hearth serve` at a time uses a state directory: a second is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from typing import IO
 
 from hearth.embedded_redis import EmbeddedRedis
 from hearth.processes import child_options, stop
@@ -37,7 +40,42 @@ def ensure_image_models(settings: Settings) -> None:
         logger.info("no image model in the store: wrote the demo model %s", folder)
 
 
+def hold_state_dir(settings: Settings) -> IO[str] | None:
+    """Lock the state directory for this process; None when another holds it.
+
+    The lock lasts as long as the returned file stays open (the process, at most),
+    so a `hearth serve` that was killed leaves nothing to clean up.
+    """
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = (settings.state_dir / "serve.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        logger.error(
+            "another hearth serve (pid %s) uses the state directory %s; stop it, or give "
+            "this one its own HEARTH_STATE_DIR",
+            holder,
+            settings.state_dir,
+        )
+        return None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
+    lock = hold_state_dir(settings)
+    if lock is None:
+        return 2
+    with lock:
+        return _serve(settings, host, port)
+
+
+def _serve(settings: Settings, host: str, port: int) -> int:
     settings.model_store.mkdir(parents=True, exist_ok=True)
     if not settings.models:
         ensure_image_models(settings)
@@ -66,11 +104,14 @@ def serve(settings: Settings, host: str, port: int) -> int:
             [*hearth, "api", "--host", host, "--port", str(port)], env=env, **child_options()
         )
         logger.info("Hearth on http://%s:%d (Ctrl-C stops it)", host, port)
+        watched = dict(children)
+        if embedded is not None and embedded.process is not None:
+            watched["private Redis"] = embedded.process
         while not signals:
-            died = [name for name, child in children.items() if child.poll() is not None]
+            died = [name for name, child in watched.items() if child.poll() is not None]
             if died:
                 logger.error(
-                    "%s exited with code %s; stopping", died[0], children[died[0]].returncode
+                    "%s exited with code %s; stopping", died[0], watched[died[0]].returncode
                 )
                 exit_code = 1
                 break

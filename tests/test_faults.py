@@ -358,6 +358,17 @@ def test_redis_restarted_mid_run_loses_no_job(site: Site) -> None:
     assert wait_all(url, [after])[after]["status"] == "succeeded"
 
 
+def test_requests_right_after_a_redis_restart_reconnect(site: Site) -> None:
+    _api, url = site.api()
+    with httpx.Client(base_url=url) as http:
+        # Each request holds a pooled connection to Redis for its round trips.
+        assert [http.get(f"/v1/jobs/job_{n}").status_code for n in range(4)] == [404] * 4
+        site.server.stop()
+        site.server.start()
+        # The connections left in the pool are dead: a request retries on a new one.
+        assert [http.get(f"/v1/jobs/job_{n}").status_code for n in range(4)] == [404] * 4
+
+
 def test_a_job_past_its_deadline_is_skipped_as_expired(site: Site) -> None:
     site.env["HEARTH_JOB_TIMEOUT_S"] = "1"
     _api, url = site.api()

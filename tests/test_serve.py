@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 import openai
@@ -96,3 +97,56 @@ def test_serve_stops_everything_when_a_child_dies(tmp_path: Path) -> None:
         assert not alive
     finally:
         serve.stop()
+
+
+def test_serve_stops_everything_when_its_private_redis_dies(tmp_path: Path) -> None:
+    port = free_port()
+    serve = Process(
+        ["serve", "--port", str(port)],
+        hearth_env(HEARTH_STATE_DIR=str(tmp_path)),
+        tmp_path / "serve.log",
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/healthz", [serve])
+        children = descendants(serve.pid)
+        server = next(child for child in children if "valkey-server" in " ".join(child.cmdline()))
+        server.kill()
+        assert serve.popen.wait(60) == 1
+        assert "private Redis exited" in serve.output()
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive
+    finally:
+        serve.stop()
+
+
+def test_serve_on_a_port_in_use_stops_with_the_reason(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = Process(
+            ["serve", "--port", str(port)],
+            hearth_env(HEARTH_STATE_DIR=str(tmp_path)),
+            tmp_path / "serve.log",
+        )
+        try:
+            assert serve.popen.wait(90) == 1  # the API could not listen: it exited at once
+            assert "address already in use" in serve.output()
+            assert "api exited" in serve.output()
+        finally:
+            serve.stop()
+
+
+def test_a_second_serve_on_one_state_directory_is_refused(tmp_path: Path) -> None:
+    first_port = free_port()
+    env = hearth_env(HEARTH_STATE_DIR=str(tmp_path))
+    first = Process(["serve", "--port", str(first_port)], env, tmp_path / "first.log")
+    try:
+        wait_for(f"http://127.0.0.1:{first_port}/healthz", [first])
+        second = Process(["serve", "--port", str(free_port())], env, tmp_path / "second.log")
+        assert second.popen.wait(30) == 2
+        assert f"another hearth serve (pid {first.pid})" in second.output()
+        first.check_alive()  # untouched
+        assert ctrl_c(first) in (0, 130)
+    finally:
+        first.stop()

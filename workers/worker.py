@@ -678,11 +678,13 @@ class Worker:
             logger.warning("worker %s: progress report failed: %s", self.name, task.exception())
 
     async def _hear_cancellations(self) -> None:
-        while True:
+        # Until the worker stops: a cancellation landing inside redis-py's reads
+        # can be absorbed there (see app/dispatcher.py's listener).
+        while not self._stopping.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.cancellations())
-                while True:
+                while not self._stopping.is_set():
                     message = await pubsub.get_message(timeout=RETRY_PAUSE_S)
                     now = time.monotonic()
                     if message is not None:
