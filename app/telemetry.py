@@ -63,6 +63,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.redis_up = Gauge(
+            "hearth_redis_up",
+            "Whether this scrape reached Redis (1) or not (0); the queue gauges are left "
+            "out when not.",
+            registry=self.registry,
+        )
 
 
 class Telemetry:

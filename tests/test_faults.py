@@ -369,6 +369,23 @@ def test_requests_right_after_a_redis_restart_reconnect(site: Site) -> None:
         assert [http.get(f"/v1/jobs/job_{n}").status_code for n in range(4)] == [404] * 4
 
 
+def test_metrics_are_served_while_redis_is_down(site: Site) -> None:
+    _api, url = site.api()
+    with httpx.Client(base_url=url) as http:
+        up = http.get("/metrics")
+        assert up.status_code == 200
+        assert "hearth_redis_up 1.0" in up.text
+        assert 'hearth_queue_depth{model="demo-dit"}' in up.text
+        site.server.stop()
+        down = http.get("/metrics")
+        assert down.status_code == 200
+        assert "hearth_redis_up 0.0" in down.text
+        assert 'hearth_http_requests_total{method="GET",route="/metrics",status="200"}' in down.text
+        assert "hearth_queue_depth{" not in down.text  # unknown now, so not shown
+        site.server.start()
+        assert "hearth_redis_up 1.0" in http.get("/metrics").text
+
+
 def test_a_job_past_its_deadline_is_skipped_as_expired(site: Site) -> None:
     site.env["HEARTH_JOB_TIMEOUT_S"] = "1"
     _api, url = site.api()
