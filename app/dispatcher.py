@@ -32,7 +32,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.errors import Conflict, Overloaded, Unavailable
+from app.errors import Overloaded, Unavailable
+from app.idempotency import Idempotency, claim
 from workers.protocol import (
     ENQUEUE_SCRIPT,
     EXPIRE_SCRIPT,
@@ -54,16 +55,6 @@ POLL_S = 1.0  # how long a reply may be missing before the job's record is read
 SWEEP_S = 0.25  # how often waits are checked: deadlines are kept this closely
 OUTCOME_FIELDS = ("status", "result", "error", "started_at", "finished_at")
 LOST: dict[str, Any] = {}  # what _read_outcomes gives for a job whose record is gone
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """A request's ``Idempotency-Key``, and what it takes for a second request to
-    be the same one: the same caller, and the same ``request`` digest."""
-
-    caller: str  # the API key's digest, or one shared name when the deployment has no keys
-    key: str
-    request: str  # digest of the job type and the request's parameters
 
 
 class DeadlinePassed(TimeoutError):
@@ -201,7 +192,7 @@ class Dispatcher:
         # Rounded up: the job's clock starts a moment after its deadline was set.
         ttl = self.result_ttl_s + math.ceil(job.deadline - job.created_at)
         if idempotency is not None:
-            earlier = await self._claim(job, ttl, idempotency)
+            earlier = await claim(self.redis, self.keys, job, ttl, idempotency)
             if earlier is not None:
                 return earlier
         entry = await self._enqueue(job, ttl, recorded=idempotency is not None)
@@ -218,51 +209,6 @@ class Dispatcher:
                 headers={"Retry-After": "1"},
             )
         return job.id
-
-    async def _claim(self, job: Job, ttl: int, idempotency: Idempotency) -> str | None:
-        """Tie the caller's key to ``job``; or, when an earlier request holds it,
-        that request's job id.
-
-        ``job``'s record is written before the key is taken, so whoever finds the
-        key taken finds the record of the job it names, even while that job is
-        still on its way to the stream. Two round trips, not one pipeline: on
-        Redis Cluster the record and the key may live on different nodes, and a
-        pipeline would not keep their writes in order.
-        """
-        record = self.keys.job(job.id)
-        write = self.redis.pipeline(transaction=False)
-        write.hset(record, mapping=job.hash_fields())
-        write.expire(record, ttl)
-        await write.execute()
-        held = await self.redis.set(
-            self.keys.idempotency(idempotency.caller, idempotency.key),
-            f"{job.id} {idempotency.request}",
-            nx=True,
-            ex=ttl,
-            get=True,
-        )
-        if held is None:
-            return None
-        earlier, _, request = cast(bytes, held).decode().partition(" ")
-        check = self.redis.pipeline(transaction=False)
-        check.delete(record)  # this job will not run: the earlier one answers
-        check.exists(self.keys.job(earlier))
-        _, found = await check.execute()
-        if request != idempotency.request:
-            raise Conflict(
-                f"The Idempotency-Key '{idempotency.key}' was first sent with another request "
-                "(another job type, model, input or webhook); send that same request again, "
-                "or use a new key.",
-                param="Idempotency-Key",
-                code="idempotency_key_reused",
-            )
-        if not found:
-            raise Conflict(
-                f"The Idempotency-Key belongs to job '{earlier}', which has expired.",
-                param="Idempotency-Key",
-                code="idempotency_key_expired",
-            )
-        return earlier
 
     async def run(self, job: Job, idempotency: Idempotency | None = None) -> dict[str, Any]:
         """Submit ``job`` with this process as its reply address and wait for its end.

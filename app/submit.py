@@ -18,8 +18,9 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from app.auth import key_digest
-from app.dispatcher import DeadlinePassed, Idempotency
+from app.dispatcher import DeadlinePassed
 from app.errors import Conflict, DeadlineExceeded, InferenceFailed, InvalidRequest, Unavailable
+from app.idempotency import Idempotency
 from app.responses import JSONResponse
 from app.state import AppState
 from app.telemetry import STARTED

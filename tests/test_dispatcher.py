@@ -12,8 +12,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from app.dispatcher import DeadlinePassed, Dispatcher, Idempotency
+from app.dispatcher import DeadlinePassed, Dispatcher
 from app.errors import Conflict, Unavailable
+from app.idempotency import Idempotency
 from workers.protocol import FINISH_SCRIPT, Job, JobStatus, JobType, Keys, reply_head
 from workers.protocol import Outcome as JobOutcome
 
