@@ -191,11 +191,17 @@ def _encodable(text: str | None) -> str | None:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def response_for(error: HearthError) -> JSONResponse:
-    status, kind = ERROR_TABLE[type(error)]
+def envelope(error: HearthError) -> dict[str, Any]:
+    """``error`` in OpenAI's envelope: the body of its response, and the data of
+    the ``error`` event that ends a job's event stream early."""
+    _, kind = ERROR_TABLE[type(error)]
     detail = {"message": error.message, "type": kind, "param": error.param, "code": error.code}
-    body = {"error": {key: _encodable(value) for key, value in detail.items()}}
-    return JSONResponse(body, status_code=status, headers=error.headers)
+    return {"error": {key: _encodable(value) for key, value in detail.items()}}
+
+
+def response_for(error: HearthError) -> JSONResponse:
+    status, _ = ERROR_TABLE[type(error)]
+    return JSONResponse(envelope(error), status_code=status, headers=error.headers)
 
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")

@@ -20,7 +20,7 @@ import redis
 from hearth.embedded_redis import EmbeddedRedis
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import Process, hearth_env, start_api, wait_for
-from tests.test_jobs import Receiver
+from tests.test_jobs import Receiver, events
 from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
@@ -384,6 +384,32 @@ def test_metrics_are_served_while_redis_is_down(site: Site) -> None:
         assert "hearth_queue_depth{" not in down.text  # unknown now, so not shown
         site.server.start()
         assert "hearth_redis_up 1.0" in http.get("/metrics").text
+
+
+def test_a_followed_job_is_heard_to_its_end_across_a_redis_restart(site: Site) -> None:
+    worker = site.start("worker", HEARTH_REDIS_TIMEOUT_S="1")
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    body = {
+        "model": "demo-dit",
+        "prompt": "followed",
+        "size": "512x512",
+        "num_inference_steps": 150,
+    }
+    job_id = submit(url, body)
+    with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        following = pool.submit(events, http, job_id)
+        wait_running(url, [job_id])
+        site.server.stop()
+        time.sleep(1.0)
+        site.server.start()
+        received = following.result(timeout=120)  # a whole body: no incomplete chunked read
+    # The follower subscribed again and reread the job: it hears the end, once.
+    names = [name for name, _ in received]
+    assert "error" not in names
+    assert names[-1] == "succeeded"
+    assert names.count("succeeded") == 1
+    assert received[-1][1]["id"] == job_id
 
 
 def test_a_job_past_its_deadline_is_skipped_as_expired(site: Site) -> None:

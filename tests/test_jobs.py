@@ -453,6 +453,34 @@ def test_a_queued_job_nobody_takes_ends_expired(
     assert "already ended (expired)" in again.json()["error"]["message"]
 
 
+def test_a_queued_follower_sees_the_job_expire_at_its_deadline(
+    idle_api: tuple[httpx.Client, redis.Redis],
+) -> None:
+    client, _ = idle_api
+    job = submit(client, "embeddings", {"model": MODEL, "input": "nobody reads it"})
+    started = time.monotonic()
+    received = events(client, job["id"])  # nothing else reads the job meanwhile
+    # At its 1 s deadline, not at the next 5 s poll: by then a short TTL may have taken it.
+    assert time.monotonic() - started < 3
+    assert [name for name, _ in received] == ["queued", "expired"]
+
+
+def test_a_followed_job_whose_record_goes_ends_its_events_with_an_error(
+    idle_api: tuple[httpx.Client, redis.Redis], namespace: str
+) -> None:
+    client, redis_client = idle_api
+    job = submit(client, "embeddings", {"model": MODEL, "input": "gone"})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        following = pool.submit(events, client, job["id"])
+        time.sleep(0.3)
+        redis_client.delete(Keys(namespace).job(job["id"]))
+        received = following.result(timeout=10)  # a whole body: no incomplete chunked read
+    assert [name for name, _ in received] == ["queued", "error"]
+    error = received[-1][1]["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("not_found_error", "job_not_found")
+
+
 def test_a_queued_job_cancelled_tells_its_webhook(
     idle_api: tuple[httpx.Client, redis.Redis],
 ) -> None:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.errors import Conflict, HearthError, InvalidRequest, NotFound, translate, within
+from app.errors import (
+    Conflict,
+    HearthError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+    envelope,
+    translate,
+    within,
+)
 from app.responses import JSONResponse
 from app.routes import embeddings, images
 from app.schemas import EmbeddingsJob, ErrorBody, JobRequest, JobView
@@ -24,6 +37,9 @@ router = APIRouter(tags=["jobs"])
 logger = logging.getLogger(__name__)
 
 EVENT_POLL_S = 5.0  # how often a quiet event stream rereads the job, in case an event was missed
+DEADLINE_SLACK_S = 0.05  # a queued job is reread this long past its deadline, when it has passed
+FOLLOW_RETRY_S = 0.5  # a follower's pause between attempts to reach Redis again
+FOLLOW_OUTAGE_S = 30.0  # past this long unreachable, Redis ends a job's event stream with an error
 
 
 @router.post(
@@ -114,36 +130,95 @@ def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
 async def job_events(job_id: str, request: Request, state: StateDep) -> EventSourceResponse:
     """Server-sent events: the job's current state first (`queued` or `started`, with
     the job), then `started`, `progress` (`step`, `total`), and one final event
-    named after its final status, carrying the job. The stream then ends."""
+    named after its final status, carrying the job. The stream then ends. Should the
+    job's record vanish, or Redis stay unreachable, the stream ends instead with an
+    `error` event whose data is the error's envelope."""
     await _view(state, request, job_id)  # 404 before the stream starts
     return EventSourceResponse(_follow(state, request, job_id), ping=15)
 
 
 async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterator[ServerSentEvent]:
-    pubsub = state.subscriber.pubsub(ignore_subscribe_messages=True)
-    try:
-        # Subscribe before reading the state, so nothing falls between the two.
-        await pubsub.subscribe(state.dispatcher.keys.events(job_id))
-        view = await _view(state, request, job_id)
-        while view["status"] not in TERMINAL_STATUSES:
-            name = "queued" if view["status"] == JobStatus.QUEUED else "started"
-            yield _event(name, view)
-            if view["progress"]:
-                yield _event("progress", view["progress"])
-            while True:
-                message = await pubsub.get_message(timeout=EVENT_POLL_S)
-                if message is None:
+    """The job's events to its end. Never raises: a stream cut short mid-body is
+    all a client would see of an exception here.
+
+    While Redis is unreachable the follower tries again, for up to
+    ``FOLLOW_OUTAGE_S``: once back, it subscribes anew and rereads the record, so
+    the final event still comes, and only once. A record gone for good, a longer
+    outage, or anything unforeseen ends the stream with an ``error`` event
+    carrying the error's envelope.
+    """
+    sent: str | None = None  # the state event sent last: a reconnect does not repeat it
+    outage: float | None = None  # when Redis was found unreachable, while it still is
+    while True:
+        pubsub = state.subscriber.pubsub(ignore_subscribe_messages=True)
+        try:
+            # Subscribe before reading the state, so nothing falls between the two.
+            await pubsub.subscribe(state.dispatcher.keys.events(job_id))
+            view = await _view(state, request, job_id)
+            outage = None
+            deadline = (
+                await _deadline(state, job_id) if view["status"] == JobStatus.QUEUED else None
+            )
+            resumed = sent is not None
+            while view["status"] not in TERMINAL_STATUSES:
+                name = "queued" if view["status"] == JobStatus.QUEUED else "started"
+                if not (resumed and name == sent):
+                    yield _event(name, view)
+                    sent = name
+                resumed = False
+                if view["progress"]:
+                    yield _event("progress", view["progress"])
+                while True:
+                    message = await pubsub.get_message(timeout=_poll_s(view, deadline))
+                    if message is None:
+                        view = await _view(state, request, job_id)
+                        if view["status"] in TERMINAL_STATUSES:
+                            break
+                        continue
+                    event = orjson.loads(message["data"])
+                    if event["event"] == "progress":
+                        yield _event("progress", {"step": event["step"], "total": event["total"]})
+                        continue
                     view = await _view(state, request, job_id)
-                    if view["status"] in TERMINAL_STATUSES:
-                        break
-                    continue
-                event = orjson.loads(message["data"])
-                if event["event"] == "progress":
-                    yield _event("progress", {"step": event["step"], "total": event["total"]})
-                    continue
-                view = await _view(state, request, job_id)
-                break
-        yield _event(view["status"], view)
-    finally:
-        with contextlib.suppress(Exception):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    break
+            yield _event(view["status"], view)
+            return
+        except (RedisConnectionError, RedisTimeoutError, OSError, Unavailable) as exc:
+            now = time.monotonic()
+            if outage is None:  # once an outage, not at every attempt
+                outage = now
+                logger.warning(
+                    "job events: Redis unreachable (%s); subscribing again",
+                    exc,
+                    extra={"job_id": job_id},
+                )
+            elif now - outage >= FOLLOW_OUTAGE_S:
+                yield _error(translate(exc))
+                return
+        except Exception as exc:  # NotFound: the record is gone; translate logs the unforeseen
+            yield _error(translate(exc))
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await asyncio.sleep(FOLLOW_RETRY_S)
+
+
+def _error(error: HearthError) -> ServerSentEvent:
+    return _event("error", envelope(error))
+
+
+async def _deadline(state: AppState, job_id: str) -> float | None:
+    """The queued job's deadline (not part of its view); None when its record lacks one."""
+    deadline = await state.redis.hget(state.dispatcher.keys.job(job_id), "deadline")
+    return float(deadline) if deadline is not None else None
+
+
+def _poll_s(view: dict[str, Any], deadline: float | None) -> float:
+    """How long to wait for an event before rereading the job. A queued job is
+    also reread just past its deadline: that read ends it `expired`, while its
+    record is still there to tell (deadline + result TTL may be under EVENT_POLL_S)."""
+    if view["status"] != JobStatus.QUEUED or deadline is None:
+        return EVENT_POLL_S
+    until = deadline + DEADLINE_SLACK_S - time.time()
+    return until if 0 < until < EVENT_POLL_S else EVENT_POLL_S
