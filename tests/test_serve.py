@@ -144,8 +144,11 @@ def test_a_second_serve_on_one_state_directory_is_refused(tmp_path: Path) -> Non
     try:
         wait_for(f"http://127.0.0.1:{first_port}/healthz", [first])
         second = Process(["serve", "--port", str(free_port())], env, tmp_path / "second.log")
-        assert second.popen.wait(30) == 2
-        assert f"another hearth serve (pid {first.pid})" in second.output()
+        try:
+            assert second.popen.wait(30) == 2
+            assert f"another hearth serve (pid {first.pid})" in second.output()
+        finally:
+            second.stop()
         first.check_alive()  # untouched
         assert ctrl_c(first) in (0, 130)
     finally:
