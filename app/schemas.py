@@ -216,6 +216,36 @@ class ImageGenerationRequest(BaseModel):
         return seed
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """`POST /v1/images/edits`: an image to change, and where (OpenAI's fields,
+    plus Hearth's extensions). The route takes them as multipart form fields
+    and files; a queued job (`POST /v1/jobs`) as JSON, the files in base64."""
+
+    image: str = Field(
+        min_length=1,
+        description="The image to edit (PNG, JPEG or WebP): a file in the form; base64 "
+        "(or a `data:` URL) in a queued job's JSON.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="Where to edit: an image of the same size whose fully transparent "
+        "pixels are repainted; the rest of the image is kept as it is. Without a mask, "
+        "the whole image is redrawn, as much as `strength` says.",
+    )
+    strength: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        strict=True,
+        description="How far from the image to go: 0 keeps it, 1 ignores it. "
+        "Runs `num_inference_steps` * `strength` denoising steps. Default 0.8 without "
+        "a mask, 1.0 with one.",
+    )
+    input_fidelity: Literal["high", "low"] | None = Field(
+        default=None, description="Accepted for compatibility; `strength` sets how close to stay."
+    )
+
+
 class Image(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -252,9 +282,18 @@ class ImagesJob(_QueuedJob):
     )
 
 
+class ImageEditsJob(_QueuedJob):
+    """A queued `POST /v1/images/edits`, its files in base64."""
+
+    type: Literal["images.edits"]
+    input: ImageEditRequest = Field(
+        description="The fields `POST /v1/images/edits` takes, `image` and `mask` in base64."
+    )
+
+
 # `POST /v1/jobs`: a route's body, queued; the answer comes later. `type` says which.
-JobRequest = Annotated[EmbeddingsJob | ImagesJob, Field(discriminator="type")]
-JOB_TYPES = ("embeddings", "images.generations")
+JobRequest = Annotated[EmbeddingsJob | ImagesJob | ImageEditsJob, Field(discriminator="type")]
+JOB_TYPES = ("embeddings", "images.generations", "images.edits")
 
 
 class Progress(BaseModel):

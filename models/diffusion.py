@@ -1,5 +1,6 @@
 """Text-to-image pipelines: any diffusers folder, loaded through diffusers'
-own auto pipeline classes, with components shared through the cache."""
+own auto pipeline classes, with components shared through the cache; and the
+image-to-image and inpainting pipelines built from their warm components."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-from diffusers import AutoPipelineForText2Image
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+)
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as hf_logging
 
@@ -81,3 +86,16 @@ def load_text_to_image(
 def scheduler_class(class_name: str) -> Any:
     """The diffusers scheduler class called ``class_name``."""
     return getattr(diffusers, class_name)
+
+
+def edit_pipeline(pipe: Pipeline, inpainting: bool) -> Pipeline | None:
+    """The image-to-image (or, with ``inpainting``, the inpainting) pipeline made
+    of ``pipe``'s own components, nothing loaded again; None where diffusers has
+    no such pipeline for it."""
+    auto = AutoPipelineForInpainting if inpainting else AutoPipelineForImage2Image
+    try:
+        derived: Pipeline = auto.from_pipe(pipe)
+    except ValueError:  # "AutoPipeline can't find a pipeline linked to ..."
+        return None
+    derived.set_progress_bar_config(disable=True)
+    return derived

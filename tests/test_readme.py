@@ -70,3 +70,4 @@ def test_the_openai_example_works(stack: Stack, tmp_path: Path) -> None:
     dims, tokens = result.stdout.split()
     assert dims == "384" and int(tokens) > 0
     assert (tmp_path / "lighthouse.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "lighthouse-at-night.png").read_bytes().startswith(b"\x89PNG")

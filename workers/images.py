@@ -1,10 +1,11 @@
-"""Runs text-to-image jobs on a warm diffusers pipeline.
+"""Runs text-to-image and image-edit jobs on a warm diffusers pipeline.
 
-Jobs that can share one pipeline call (same size, steps, guidance and
+Generations that can share one pipeline call (same size, steps, guidance and
 scheduler) run together, one generator per image, so each image equals what
-its request gives alone. Each call gets a fresh scheduler built from the
-pipeline's own config; the step callback reports progress and interrupts the
-call once every job in it is cancelled.
+its request gives alone. Edits run on the image-to-image and inpainting
+pipelines made of the same components, one request per call. Each call gets
+a fresh scheduler built from the pipeline's own config; the step callback
+reports progress and interrupts the call once every job in it is cancelled.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 
 import orjson
 import torch
+from PIL import Image
 
-from models.diffusion import Pipeline, scheduler_class
+from models.diffusion import Pipeline, edit_pipeline, scheduler_class
 from workers.hooks import BatchHooks
-from workers.protocol import InvalidJobInput, Job, JobError, JobStatus, Outcome
+from workers.protocol import InvalidJobInput, Job, JobError, JobStatus, JobType, Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,90 @@ def png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class Target:
+    """A pipeline, and how to call it."""
+
+    pipe: Pipeline
+    takes_negative: bool
+    # Newer pipelines call callback_on_step_end(pipe, step, timestep, tensors) and
+    # honour pipe._interrupt; older ones (PixArt) call callback(step, timestep, latents).
+    step_end_callback: bool
+    extra: dict[str, Any]  # arguments every call of it gets
+
+    @classmethod
+    def of(cls, pipe: Pipeline) -> Target:
+        accepted = inspect.signature(pipe.__call__).parameters
+        step_end_callback = "callback_on_step_end" in accepted
+        if not step_end_callback and "callback" not in accepted:
+            raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
+        # Hearth validates sizes itself: no silent resizing, no caption rewriting.
+        extra = {
+            name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted
+        }
+        return cls(pipe, "negative_prompt" in accepted, step_end_callback, extra)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What an edit job adds to a call: its image, its mask, how far to go."""
+
+    image: Any  # PIL image, RGB, at the job's size
+    mask: Any | None  # PIL image, L, at the job's size: 255 where to repaint
+    strength: float
+
+    def arguments(self, width: int, height: int) -> dict[str, Any]:
+        if self.mask is None:
+            return {"image": self.image, "strength": self.strength}
+        return {
+            "image": self.image,
+            "mask_image": self.mask,
+            "strength": self.strength,
+            "width": width,
+            "height": height,
+        }
+
+    def finish(self, made: Any) -> Any:
+        """The image returned: outside the mask, every pixel is the one sent."""
+        if self.mask is None:
+            return made
+        return Image.composite(made, self.image, self.mask)
+
+
+def _picture(job: Job, param: str) -> Any:
+    """The job's ``param`` image (base64), decoded."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(job.input[param])))
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidJobInput(
+            f"Invalid '{param}': the image cannot be read ({exc}).", param
+        ) from None
+    return image
+
+
+def edit_of(job: Job) -> Edit:
+    """Decode an edit job's image and mask, at the size it asks for."""
+    size = (int(job.input["width"]), int(job.input["height"]))
+    image = _picture(job, "image").convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    mask = None
+    if job.input.get("mask"):
+        alpha = _picture(job, "mask").convert("RGBA").getchannel("A")
+        # OpenAI's convention: fully transparent pixels are the ones to edit.
+        mask = alpha.point(lambda value: 255 if value == 0 else 0)
+        if mask.getbbox() is None:
+            raise InvalidJobInput(
+                "Invalid 'mask': it has no fully transparent pixel, so there is nothing to "
+                "edit; make transparent the pixels to repaint.",
+                "mask",
+            )
+        if mask.size != size:
+            mask = mask.resize(size, Image.Resampling.NEAREST)
+    return Edit(image=image, mask=mask, strength=float(job.input["strength"]))
+
+
 class ImageRunner:
     def __init__(self, model_id: str, pipe: Pipeline, max_batch_images: int) -> None:
         self.model_id = model_id
@@ -70,30 +156,47 @@ class ImageRunner:
         self.max_batch_images = max_batch_images
         self._scheduler_config = pipe.scheduler.config
         self._own_scheduler = type(pipe.scheduler)
-        accepted = inspect.signature(pipe.__call__).parameters
-        self._takes_negative = "negative_prompt" in accepted
-        # Newer pipelines call callback_on_step_end(pipe, step, timestep, tensors) and
-        # honour pipe._interrupt; older ones (PixArt) call callback(step, timestep, latents).
-        self._step_end_callback = "callback_on_step_end" in accepted
-        if not self._step_end_callback and "callback" not in accepted:
-            raise ValueError(f"{type(pipe).__name__} reports no steps: Hearth cannot follow it")
-        # Hearth validates sizes itself: no silent resizing, no caption rewriting.
-        self._extra = {
-            name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted
-        }
+        self._text_to_image = Target.of(pipe)
+        self._editors: dict[bool, Target | None] = {}  # inpainting? → its pipeline
 
     def run(self, jobs: list[Job], hooks: BatchHooks) -> tuple[list[Outcome], list[int]]:
-        """Outcomes in the order of ``jobs``, and the images per pipeline call."""
+        """Outcomes in the order of ``jobs``, and the images per pipeline call.
+
+        Generations that share a call shape run together; an edit runs alone
+        (its image is its own).
+        """
         groups: dict[CallShape, list[Job]] = defaultdict(list)
+        edits: list[Job] = []
         for job in jobs:
-            groups[call_shape(job)].append(job)
+            if job.type is JobType.IMAGES_EDITS:
+                edits.append(job)
+            else:
+                groups[call_shape(job)].append(job)
         outcomes: dict[str, Outcome] = {}
         sizes: list[int] = []
         for shape, group in groups.items():
             for chunk in self._chunks(group):
                 outcomes.update(self._call(shape, chunk, hooks))
                 sizes.append(sum(int(job.input["n"]) for job in chunk))
+        for job in edits:
+            outcomes.update(self._call(call_shape(job), [job], hooks, edit_of(job)))
+            sizes.append(int(job.input["n"]))
         return [outcomes[job.id] for job in jobs], sizes
+
+    def _editor(self, inpainting: bool) -> Target:
+        """The pipeline that edits with this model's warm components, made on first use."""
+        if inpainting not in self._editors:
+            derived = edit_pipeline(self.pipe, inpainting)
+            self._editors[inpainting] = Target.of(derived) if derived is not None else None
+        target = self._editors[inpainting]
+        if target is None:
+            what = "inpainting" if inpainting else "image-to-image"
+            raise InvalidJobInput(
+                f"Invalid 'model': {self.model_id} ({type(self.pipe).__name__}) cannot edit "
+                f"images: diffusers has no {what} pipeline for it.",
+                "model",
+            )
+        return target
 
     def _chunks(self, group: list[Job]) -> list[list[Job]]:
         """Split jobs so a call holds at most max_batch_images images (a bigger job runs alone)."""
@@ -111,14 +214,20 @@ class ImageRunner:
             chunks.append(current)
         return chunks
 
-    def _call(self, shape: CallShape, jobs: list[Job], hooks: BatchHooks) -> dict[str, Outcome]:
+    def _call(
+        self, shape: CallShape, jobs: list[Job], hooks: BatchHooks, edit: Edit | None = None
+    ) -> dict[str, Outcome]:
+        target = self._text_to_image if edit is None else self._editor(edit.mask is not None)
         prompts: list[str] = []
         negatives: list[str] = []
         generators: list[torch.Generator] = []
         for job in jobs:
             negative = job.input.get("negative_prompt") or ""
-            if negative and not self._takes_negative:
-                raise InvalidJobInput(f"model {self.model_id} does not take a negative_prompt")
+            if negative and not target.takes_negative:
+                raise InvalidJobInput(
+                    f"Invalid 'negative_prompt': model {self.model_id} does not take one.",
+                    "negative_prompt",
+                )
             for index in range(int(job.input["n"])):
                 prompts.append(job.input["prompt"])
                 negatives.append(negative)
@@ -129,13 +238,15 @@ class ImageRunner:
 
         ids = [job.id for job in jobs]
         last_report = [0.0]
+        # An edit runs the last steps * strength steps of the schedule (diffusers' rule).
+        total = shape.steps if edit is None else min(int(shape.steps * edit.strength), shape.steps)
 
         def after_step(step: int) -> bool:
             """Report progress; True when every job of the call is cancelled."""
             done = step + 1
             now = time.monotonic()
-            if done in (1, shape.steps) or now - last_report[0] >= PROGRESS_EVERY_S:
-                hooks.progress(ids, done, shape.steps)
+            if done in (1, total) or now - last_report[0] >= PROGRESS_EVERY_S:
+                hooks.progress(ids, done, total)
                 last_report[0] = now
             return all(hooks.cancelled(job_id) for job_id in ids)
 
@@ -149,19 +260,21 @@ class ImageRunner:
                 raise CallCancelled  # older pipelines have no interrupt: leave the loop
 
         scheduler = scheduler_class(shape.scheduler) if shape.scheduler else self._own_scheduler
-        self.pipe.scheduler = scheduler.from_config(self._scheduler_config)
-        kwargs: dict[str, Any] = dict(self._extra)
-        if self._takes_negative:
+        target.pipe.scheduler = scheduler.from_config(self._scheduler_config)
+        kwargs: dict[str, Any] = dict(target.extra)
+        if target.takes_negative:
             kwargs["negative_prompt"] = negatives
-        if self._step_end_callback:
+        if target.step_end_callback:
             kwargs["callback_on_step_end"] = on_step_end
         else:
             kwargs.update(callback=on_step, callback_steps=1)
+        if edit is None:
+            kwargs.update(width=shape.width, height=shape.height)
+        else:
+            kwargs.update(edit.arguments(shape.width, shape.height))
         try:
-            images = self.pipe(
+            images = target.pipe(
                 prompt=prompts,
-                width=shape.width,
-                height=shape.height,
                 num_inference_steps=shape.steps,
                 guidance_scale=shape.guidance,
                 generator=generators,
@@ -170,6 +283,8 @@ class ImageRunner:
             ).images
         except CallCancelled:
             images = [None] * len(prompts)
+        if edit is not None:
+            images = [edit.finish(image) if image is not None else None for image in images]
 
         outcomes: dict[str, Outcome] = {}
         start = 0

@@ -190,7 +190,12 @@ def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any] | Non
 
 
 class InvalidJobInput(ValueError):
-    """A job asks for something its model cannot do: it fails as the client's error."""
+    """A job asks for something its model cannot do: it fails as the client's error,
+    naming the field at fault (``param``) where there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def absolute_urls(view: dict[str, Any], base_url: str | None) -> dict[str, Any]:

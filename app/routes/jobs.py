@@ -27,7 +27,7 @@ from app.errors import (
 )
 from app.responses import JSONResponse
 from app.routes import embeddings, images
-from app.schemas import EmbeddingsJob, ErrorBody, JobRequest, JobView
+from app.schemas import EmbeddingsJob, ErrorBody, ImageEditsJob, JobRequest, JobView
 from app.state import AppState, StateDep
 from app.submit import accept, public_base
 from models.registry import UnknownModelError
@@ -50,7 +50,8 @@ FOLLOW_OUTAGE_S = 30.0  # past this long unreachable, Redis ends a job's event s
     summary="Queue a job",
 )
 async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSONResponse:
-    """Queue the body of `POST /v1/embeddings` or `/v1/images/generations` as a job.
+    """Queue the body of `POST /v1/embeddings`, `/v1/images/generations` or
+    `/v1/images/edits` (its files in base64) as a job.
 
     Answers `202` at once with the job and its `Location`; the job runs when a
     worker for its model is free, or ends `expired` past `HEARTH_JOB_TIMEOUT_S`.
@@ -67,6 +68,8 @@ async def create_job(body: JobRequest, request: Request, state: StateDep) -> JSO
     try:
         if isinstance(body, EmbeddingsJob):
             job = embeddings.prepare(body.input, state, deadline)
+        elif isinstance(body, ImageEditsJob):
+            job = images.prepare_edit(body.input, state, deadline)
         else:
             job = images.prepare(body.input, state, deadline)
     except (HearthError, UnknownModelError) as exc:
