@@ -328,6 +328,10 @@ class ModelCard(BaseModel):
     dimension: int | None = Field(default=None, description="Length of one embedding.")
     max_tokens: int | None = Field(default=None, description="Longer inputs are truncated.")
     workers: list[str] = Field(description="Live workers holding the model warm.")
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Other ids requests may name the model by (the store's models.yaml).",
+    )
 
 
 class ModelList(BaseModel):

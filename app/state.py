@@ -32,11 +32,13 @@ class AppState:
     rate_limiter: AsyncScript  # the token bucket script
 
     def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
-        """The served model ``model_id``: 404 when unknown, 400 when of another ``kind``."""
-        try:
-            spec = self.served[model_id]
-        except KeyError:
-            raise UnknownModelError(model_id) from None
+        """The served model ``model_id`` (or aliased so): 404 when unknown, 400 when of
+        another ``kind``."""
+        spec = self.served.get(model_id) or next(
+            (spec for spec in self.served.values() if model_id in spec.aliases), None
+        )
+        if spec is None:
+            raise UnknownModelError(model_id)
         if kind is not None and spec.kind is not kind:
             raise InvalidRequest(
                 f"Invalid 'model': '{model_id}' is an {spec.kind.value} model, "

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -15,6 +15,9 @@ from hearth.logs import configure
 from hearth.memory import keep_freed_memory
 from hearth.settings import Settings
 from hearth.threads import openmp_environment
+
+if TYPE_CHECKING:  # the registry is imported where it is used: `hearth --help` stays quick
+    from models.registry import ModelSpec, Registry
 
 app = typer.Typer(
     help="Hearth: text embeddings and generated images over HTTP, jobs queued in Redis.",
@@ -40,6 +43,31 @@ def load_settings(**overrides: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+def scan_models(settings: Settings) -> Registry:
+    """The model registry; a models.yaml that cannot be followed ends the command, named."""
+    from models.registry import ModelsFileError, Registry
+
+    try:
+        return Registry.scan(settings.model_store)
+    except ModelsFileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def select_models(settings: Settings) -> list[ModelSpec]:
+    """The models HEARTH_MODELS names (every model when empty); an unknown one ends
+    the command, named."""
+    from models.registry import UnknownModelError
+
+    try:
+        return scan_models(settings).select(settings.models)
+    except UnknownModelError as exc:
+        typer.echo(
+            f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True
+        )
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(host: HostOption = None, port: PortOption = None) -> None:
     """Run everything: a private Redis (unless REDIS_URL is set), the API and one worker."""
@@ -47,6 +75,7 @@ def serve(host: HostOption = None, port: PortOption = None) -> None:
 
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
+    select_models(settings)  # a models.yaml or HEARTH_MODELS that cannot be followed stops here
     raise typer.Exit(run_all(settings, host or settings.host, port or settings.port))
 
 
@@ -62,6 +91,7 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
     # uvicorn re-raises the signal it stopped on once it has shut down cleanly;
     # SIGTERM is the normal way to stop the API, so that ends with exit code 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    select_models(settings)
     try:
         application = create_app(settings)
     except OSError as exc:
@@ -91,18 +121,11 @@ def worker(
     ] = None,
 ) -> None:
     """Run a worker: load models warm, then take their jobs from Redis (needs REDIS_URL)."""
-    from models.registry import ModelKind, Registry, UnknownModelError
+    from models.registry import ModelKind
 
     settings = load_settings(models=models, device=device)
     configure(settings.log_level, settings.log_format)
-    registry = Registry.scan(settings.model_store)  # reads configs only: torch is not loaded yet
-    try:
-        specs = registry.select(settings.models)
-    except UnknownModelError as exc:
-        typer.echo(
-            f"error: unknown model {exc.model_id!r}; `hearth models list` shows them", err=True
-        )
-        raise typer.Exit(2) from None
+    specs = select_models(settings)  # reads configs only: torch is not loaded yet
     only_images = all(spec.kind is ModelKind.IMAGE for spec in specs)
     os.environ.update(openmp_environment(settings.pin_threads, short_spin=not only_images))
     if settings.keep_freed_memory:
@@ -131,17 +154,16 @@ def demo_models(
 
 @models_app.command("list")
 def list_models() -> None:
-    """List the model ids the registry finds, with their kind and folder."""
-    from models.registry import Registry
-
+    """List the model ids the registry finds, with their kind, folder and aliases."""
     settings = load_settings()
-    registry = Registry.scan(settings.model_store)
+    registry = scan_models(settings)
     for spec in registry:
         if spec.image is not None:
             size = f"{spec.image.default_width}x{spec.image.default_height}"
             shape = f"{size} (up to {spec.image.max_width}x{spec.image.max_height})"
         else:
             shape = f"{spec.dimension} dims"
-        typer.echo(f"{spec.id}\t{spec.kind.value}\t{shape}\t{spec.path}")
+        aliases = f"\taliases: {', '.join(spec.aliases)}" if spec.aliases else ""
+        typer.echo(f"{spec.id}\t{spec.kind.value}\t{shape}\t{spec.path}{aliases}")
     for name, reason in registry.skipped.items():
         typer.echo(f"{name}\tskipped: {reason}", err=True)

@@ -86,6 +86,17 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=60.0)
 
 
+# The stack's models also answer to the names of OpenAI's models, as a deployment
+# that existing OpenAI clients call unchanged would set them up.
+MODELS_FILE = """\
+models:
+  all-minilm-l6-v2:
+    aliases: [text-embedding-3-small]
+  demo-unet:
+    aliases: [dall-e-2]
+"""
+
+
 @pytest.fixture(scope="session")
 def stack(
     redis_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
@@ -94,6 +105,7 @@ def stack(
     from models.demo import build_demo_models
 
     build_demo_models(root / "models")
+    (root / "models" / "models.yaml").write_text(MODELS_FILE)
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     api_port, metrics_port = free_ports(2)
     env = hearth_env(

@@ -62,3 +62,43 @@ def test_a_worker_for_an_unknown_model_refuses_to_start(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "nope" in result.stderr
+
+
+def test_models_list_shows_aliases(tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text(
+        "models:\n"
+        "  all-minilm-l6-v2:\n"
+        "    aliases: [text-embedding-3-small, text-embedding-ada-002]\n"
+    )
+    result = hearth("models", "list", HEARTH_MODELS_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("all-minilm")]
+    assert line.endswith("\taliases: text-embedding-3-small, text-embedding-ada-002")
+
+
+@pytest.mark.parametrize("command", [("models", "list"), ("api",), ("worker",), ("serve",)])
+def test_a_models_yaml_that_cannot_be_followed_stops_every_command(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    store = tmp_path / "models"
+    store.mkdir()
+    (store / "models.yaml").write_text("models:\n  ghost:\n    aliases: [spirit]\n")
+    result = hearth(
+        *command,
+        REDIS_URL="redis://127.0.0.1:1/0",
+        HEARTH_STATE_DIR=str(tmp_path),
+        HEARTH_MODELS_DIR=str(store),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "models.yaml: ghost: no such model in the store" in result.stderr
+
+
+def test_an_api_for_an_unknown_model_refuses_to_start(tmp_path: Path) -> None:
+    result = hearth(
+        "api",
+        REDIS_URL="redis://127.0.0.1:1/0",
+        HEARTH_STATE_DIR=str(tmp_path),
+        HEARTH_MODELS="nope",
+    )
+    assert result.returncode == 2
+    assert "unknown model 'nope'" in result.stderr

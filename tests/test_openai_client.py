@@ -60,3 +60,23 @@ def test_errors_raise_the_clients_own_exceptions(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         oai.embeddings.create(model=MODEL, input="x", dimensions=1000)
     assert bad.value.body["param"] == "dimensions"  # type: ignore[index]
+
+
+def test_models_answer_to_their_aliases(oai: openai.OpenAI) -> None:
+    texts = ["Hearth keeps models warm."]
+    aliased = oai.embeddings.create(model="text-embedding-3-small", input=texts)
+    direct = oai.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    assert aliased.model == "all-minilm-l6-v2"
+    assert aliased.data[0].embedding == direct.data[0].embedding
+    image = oai.images.generate(
+        model="dall-e-2",
+        prompt="a red fox",
+        size="64x64",  # type: ignore[arg-type]
+        extra_body={"seed": 4, "num_inference_steps": 4},
+    )
+    assert image.data is not None and image.data[0].b64_json
+    card = oai.models.retrieve("dall-e-2")
+    assert card.id == "demo-unet"
+    listed = {model.id: model for model in oai.models.list()}
+    assert "dall-e-2" not in listed  # one card per model, its aliases on it
+    assert (listed["demo-unet"].model_extra or {})["aliases"] == ["dall-e-2"]

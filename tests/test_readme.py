@@ -6,13 +6,16 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from hearth.settings import Settings
+from models.registry import ModelsFile
 from tests.conftest import Stack
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -71,3 +74,12 @@ def test_the_openai_example_works(stack: Stack, tmp_path: Path) -> None:
     assert dims == "384" and int(tokens) > 0
     assert (tmp_path / "lighthouse.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "lighthouse-at-night.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_models_yaml_example_is_one_hearth_reads() -> None:
+    (example,) = re.findall(r"```yaml\n(.*?)```", README, flags=re.S)
+    models = ModelsFile.model_validate(yaml.safe_load(textwrap.dedent(example))).models
+    assert models["all-minilm-l6-v2"].aliases == [
+        "text-embedding-3-small",
+        "text-embedding-ada-002",
+    ]

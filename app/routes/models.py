@@ -19,6 +19,7 @@ async def _card(state: AppState, spec: ModelSpec) -> ModelCard:
         dimension=spec.dimension,
         max_tokens=spec.max_tokens,
         workers=await state.fleet.holders(spec.id),
+        aliases=list(spec.aliases),
     )
 
 
@@ -35,4 +36,5 @@ async def list_models(state: StateDep) -> ModelList:
     summary="Describe a model",
 )
 async def get_model(model_id: str, state: StateDep) -> ModelCard:
+    """One model, by its id or one of its aliases."""
     return await _card(state, state.model(model_id))
