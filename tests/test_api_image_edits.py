@@ -127,6 +127,21 @@ def test_the_image_is_resized_to_the_size_asked_for(client: httpx.Client) -> Non
     assert same.shape == (64, 128, 3)
 
 
+def outside(box: tuple[int, int, int, int] = BOX, size: int = 64) -> np.ndarray:
+    """Where a mask opening ``box`` keeps the image: True outside the box."""
+    kept = np.ones((size, size), dtype=bool)
+    left, top, right, bottom = box
+    kept[top:bottom, left:right] = False
+    return kept
+
+
+def test_a_16_bit_greyscale_image_keeps_its_tones(client: httpx.Client) -> None:
+    levels = np.asarray(Image.open(io.BytesIO(picture())).convert("L"), dtype=np.int16)
+    deep = Image.frombytes("I;16", (64, 64), (levels.astype("<u2") * 257).tobytes())
+    (made,) = pixels_of(edit(client, png(deep), with_mask=mask()))
+    assert np.abs(made[outside()] - levels[outside(), None]).max() <= 1
+
+
 def test_jpeg_and_webp_images_are_taken(client: httpx.Client) -> None:
     source = Image.open(io.BytesIO(picture()))
     for kind in ("JPEG", "WEBP"):

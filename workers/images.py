@@ -31,6 +31,7 @@ from workers.protocol import InvalidJobInput, Job, JobError, JobStatus, JobType,
 logger = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.05  # at most this often per call, besides the first and last step
+SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L")  # modes a 16-bit greyscale PNG opens in
 
 
 class CallCancelled(Exception):
@@ -124,6 +125,9 @@ def _picture(job: Job, param: str) -> Any:
         raise InvalidJobInput(
             f"Invalid '{param}': the image cannot be read ({exc}).", param
         ) from None
+    if image.mode in SIXTEEN_BIT_GREY:
+        # Pillow's own conversion to 8 bits clips at 255: nearly every pixel would be white.
+        return image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
     return image
 
 
