@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from models.schedulers import NOISE_SCHEDULERS
 from tests.conftest import Stack
@@ -127,9 +127,9 @@ def test_the_image_is_resized_to_the_size_asked_for(client: httpx.Client) -> Non
     assert same.shape == (64, 128, 3)
 
 
-def outside(box: tuple[int, int, int, int] = BOX, size: int = 64) -> np.ndarray:
+def outside(box: tuple[int, int, int, int] = BOX, width: int = 64, height: int = 64) -> np.ndarray:
     """Where a mask opening ``box`` keeps the image: True outside the box."""
-    kept = np.ones((size, size), dtype=bool)
+    kept = np.ones((height, width), dtype=bool)
     left, top, right, bottom = box
     kept[top:bottom, left:right] = False
     return kept
@@ -140,6 +140,20 @@ def test_a_16_bit_greyscale_image_keeps_its_tones(client: httpx.Client) -> None:
     deep = Image.frombytes("I;16", (64, 64), (levels.astype("<u2") * 257).tobytes())
     (made,) = pixels_of(edit(client, png(deep), with_mask=mask()))
     assert np.abs(made[outside()] - levels[outside(), None]).max() <= 1
+
+
+def test_an_exif_orientation_is_applied_as_browsers_show_it(client: httpx.Client) -> None:
+    stored = Image.open(io.BytesIO(picture(64, 128)))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise: 128 wide, 64 high
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif)
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue())))
+    sent = np.asarray(shown.convert("RGB"), dtype=np.int16)
+    (made,) = pixels_of(edit(client, buffer.getvalue(), with_mask=mask(128, 64)))
+    assert made.shape == (64, 128, 3)
+    kept = outside(width=128, height=64)
+    assert np.array_equal(made[kept], sent[kept])
 
 
 def test_jpeg_and_webp_images_are_taken(client: httpx.Client) -> None:

@@ -11,6 +11,7 @@ reports progress and interrupts the call once every job in it is cancelled.
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import io
 import logging
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from models.diffusion import Pipeline, edit_pipeline, scheduler_class
 from workers.hooks import BatchHooks
@@ -117,14 +118,18 @@ class Edit:
 
 
 def _picture(job: Job, param: str) -> Any:
-    """The job's ``param`` image (base64), decoded."""
+    """The job's ``param`` image (base64), decoded, turned upright as its EXIF
+    orientation says (as browsers show it, and as the API measured it)."""
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(job.input[param])))
+        image: Image.Image = Image.open(io.BytesIO(base64.b64decode(job.input[param])))
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidJobInput(
             f"Invalid '{param}': the image cannot be read ({exc}).", param
         ) from None
+    # EXIF that cannot be read turns nothing, in the API's measure too.
+    with contextlib.suppress(SyntaxError, ValueError, OSError):
+        image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_GREY:
         # Pillow's own conversion to 8 bits clips at 255: nearly every pixel would be white.
         return image.convert("I").point(lambda value: value * (1 / 256)).convert("L")

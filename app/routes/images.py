@@ -31,6 +31,8 @@ router = APIRouter(tags=["images"])
 
 EDIT_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_EDIT_PIXELS = 4096 * 4096  # of an image or mask sent to edit, before any resizing
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 EDIT_FILES = ("image", "mask")
 
 
@@ -146,8 +148,20 @@ class Picture:
     height: int
 
 
+def _quarter_turned(image: Image.Image) -> bool:
+    """Whether the EXIF orientation in ``image``'s header turns it a quarter
+    (False where it has none, or one that cannot be read)."""
+    if "exif" not in image.info:  # getexif() would decode a PNG's pixels to look further
+        return False
+    try:
+        return image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS
+    except (SyntaxError, ValueError, OSError):
+        return False
+
+
 def picture(param: str, encoded: str) -> Picture:
-    """Read the header of the image in ``encoded`` (base64 or a ``data:`` URL).
+    """Read the header of the image in ``encoded`` (base64 or a ``data:`` URL):
+    its size as shown, upright as its EXIF orientation says.
 
     Only the header: the worker decodes the pixels, and answers a file that
     fails then as a 400 too.
@@ -171,6 +185,8 @@ def picture(param: str, encoded: str) -> Picture:
     try:
         with Image.open(io.BytesIO(raw)) as image:
             kind, (width, height) = image.format, image.size
+            if _quarter_turned(image):  # the worker turns it upright
+                width, height = height, width
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         kind, width, height = None, 0, 0
     if kind not in EDIT_FORMATS:
