@@ -11,11 +11,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import redis
 from PIL import Image, ImageOps
 
 from models.schedulers import NOISE_SCHEDULERS
 from tests.conftest import Stack
 from tests.test_jobs import ended, events, submit, wait_until
+from workers.protocol import Keys
 
 pytestmark = pytest.mark.integration
 
@@ -250,6 +252,34 @@ def test_an_edit_queued_as_a_job_reports_its_steps(client: httpx.Client) -> None
     assert done["status"] == "succeeded"
     sync = edit(client, with_mask=mask(), num_inference_steps=10, strength=0.5).json()
     assert done["result"]["data"][0]["b64_json"] == sync["data"][0]["b64_json"]
+
+
+def test_an_edit_that_fails_leaves_its_batch_run_once(
+    client: httpx.Client, stack: Stack, redis_client: redis.Redis
+) -> None:
+    # A long demo-dit job holds the worker while the demo-unet jobs queue, so
+    # they are taken as one batch: two generations that share a call, and an
+    # edit whose mask leaves nothing to edit.
+    slow = {"model": "demo-dit", "prompt": "a slow one", "size": "512x512"}
+    blocker = submit(client, "images.generations", {**slow, "num_inference_steps": 150})
+    wait_until(client, blocker["id"], lambda job: job["status"] == "running")
+    stats = Keys(stack.namespace).batch_sizes("demo-unet")
+    redis_client.delete(stats)
+    body = {"model": "demo-unet", "prompt": "a red door", "num_inference_steps": 4}
+    generations = [submit(client, "images.generations", {**body, "seed": seed}) for seed in (1, 2)]
+    encoded = {
+        name: base64.b64encode(content).decode()
+        for name, content in {"image": picture(), "mask": mask(box=None)}.items()
+    }
+    failing = submit(client, "images.edits", {**body, **encoded})
+    assert client.delete(f"/v1/jobs/{blocker['id']}").status_code == 200
+    for job in generations:
+        assert wait_until(client, job["id"], ended)["status"] == "succeeded"
+    failed = wait_until(client, failing["id"], ended)
+    assert failed["status"] == "failed"
+    assert failed["error"]["param"] == "mask"
+    # One call made both images, and nothing ran again.
+    assert redis_client.hgetall(stats) == {b"2": b"1"}
 
 
 def test_a_queued_edit_names_the_field_within_input(client: httpx.Client) -> None:

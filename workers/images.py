@@ -188,7 +188,13 @@ class ImageRunner:
                 outcomes.update(self._call(shape, chunk, hooks))
                 sizes.append(sum(int(job.input["n"]) for job in chunk))
         for job in edits:
-            outcomes.update(self._call(call_shape(job), [job], hooks, edit_of(job)))
+            try:
+                outcomes.update(self._call(call_shape(job), [job], hooks, edit_of(job)))
+            except InvalidJobInput as exc:
+                # Found before its pipeline runs: this edit fails alone, and the jobs
+                # of the batch that ran already are not run again one by one.
+                outcomes[job.id] = exc.outcome()
+                continue
             sizes.append(int(job.input["n"]))
         return [outcomes[job.id] for job in jobs], sizes
 

@@ -197,6 +197,12 @@ class InvalidJobInput(ValueError):
         super().__init__(message)
         self.param = param
 
+    def outcome(self) -> Outcome:
+        """The job's end: failed, as the client's error."""
+        return Outcome(
+            JobStatus.FAILED, error=JobError(str(self), "invalid_request_error", self.param)
+        )
+
 
 def absolute_urls(view: dict[str, Any], base_url: str | None) -> dict[str, Any]:
     """Prefix the relative file URLs in a job view's images result with ``base_url``."""

@@ -122,8 +122,7 @@ def run_guarded(
     except Exception as exc:
         if len(jobs) == 1:
             if isinstance(exc, InvalidJobInput):
-                error = JobError(str(exc), "invalid_request_error", exc.param)
-                return [Outcome(JobStatus.FAILED, error=error)], []
+                return [exc.outcome()], []
             logger.exception("job %s failed", jobs[0].id)
             error = JobError(f"inference failed: {type(exc).__name__}: {exc}")
             return [Outcome(JobStatus.FAILED, error=error, retryable=True)], []
