@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from typing import Any
 
 import httpx
@@ -208,6 +210,28 @@ def test_bad_edits_are_a_400_naming_the_field(
     upload = {name: (f"{name}.png", content, "image/png") for name, content in files.items()}
     response = client.post("/v1/images/edits", data={**FORM, **fields}, files=upload)
     assert error_of(response)["param"] == param
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width`` x ``height``, with hardly any pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    pixels = chunk(b"IDAT", zlib.compress(bytes(16)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(4096, 4097), (100_000, 100_000)])
+def test_an_image_over_the_pixel_limit_is_refused_as_such(
+    client: httpx.Client, size: tuple[int, int]
+) -> None:
+    error = error_of(edit(client, png_header(*size), size="64x64"))
+    assert error["param"] == "image"
+    assert "16,777,216 pixels" in error["message"]
 
 
 def test_an_opaque_mask_leaves_nothing_to_edit(client: httpx.Client) -> None:

@@ -187,7 +187,13 @@ def picture(param: str, encoded: str) -> Picture:
             kind, (width, height) = image.format, image.size
             if _quarter_turned(image):  # the worker turns it upright
                 width, height = height, width
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # a size so big Pillow will not even read it
+        raise InvalidRequest(
+            f"Invalid '{param}': over {MAX_EDIT_PIXELS:,} pixels.",
+            param=param,
+            code="invalid_image",
+        ) from None
+    except (UnidentifiedImageError, OSError):
         kind, width, height = None, 0, 0
     if kind not in EDIT_FORMATS:
         raise InvalidRequest(
