@@ -234,6 +234,15 @@ def test_an_image_over_the_pixel_limit_is_refused_as_such(
     assert "16,777,216 pixels" in error["message"]
 
 
+@pytest.mark.parametrize("name", ["image", "mask"])
+def test_an_empty_file_is_refused_as_empty(client: httpx.Client, name: str) -> None:
+    files = {"image": picture(), "mask": mask(), name: b""}
+    upload = {part: (f"{part}.png", content, "image/png") for part, content in files.items()}
+    error = error_of(client.post("/v1/images/edits", data=FORM, files=upload))
+    assert error["param"] == name
+    assert "empty" in error["message"]
+
+
 def test_an_opaque_mask_leaves_nothing_to_edit(client: httpx.Client) -> None:
     error = error_of(edit(client, with_mask=mask(box=None)))
     assert error["param"] == "mask"

@@ -309,7 +309,12 @@ async def edit_request(request: Request) -> ImageEditRequest:
                         param=key,
                         code="invalid_value",
                     )
-                fields[key] = base64.b64encode(await value.read()).decode("ascii")
+                content = await value.read()
+                if not content:
+                    raise InvalidRequest(
+                        f"Invalid '{key}': the file is empty.", param=key, code="invalid_image"
+                    )
+                fields[key] = base64.b64encode(content).decode("ascii")
             elif key in EDIT_FILES:
                 raise InvalidRequest(
                     f"Invalid '{key}': send it as a file.", param=key, code="invalid_value"
