@@ -315,6 +315,24 @@ def test_an_edit_that_fails_leaves_its_batch_run_once(
     assert redis_client.hgetall(stats) == {b"2": b"1"}
 
 
+@pytest.mark.parametrize("scheduler", ["heun", "pndm"])
+def test_progress_never_passes_its_total(client: httpx.Client, scheduler: str) -> None:
+    # These run more denoising steps than num_inference_steps * strength.
+    encoded = {
+        name: base64.b64encode(content).decode()
+        for name, content in {"image": picture(), "mask": mask()}.items()
+    }
+    for files in ({"image": encoded["image"]}, encoded):
+        body = {"model": "demo-unet", "prompt": "a red door", "num_inference_steps": 8, **files}
+        body.update(strength=0.5, scheduler=scheduler)
+        job = submit(client, "images.edits", body)
+        progress = [data for name, data in events(client, job["id"]) if name == "progress"]
+        assert all(item["step"] <= item["total"] for item in progress), progress
+        done = wait_until(client, job["id"], ended)
+        assert done["status"] == "succeeded"
+        assert done["progress"]["step"] == done["progress"]["total"]
+
+
 def test_a_queued_edit_names_the_field_within_input(client: httpx.Client) -> None:
     body = {"model": "demo-unet", "prompt": "a red door", "image": "not base64!"}
     response = client.post("/v1/jobs", json={"type": "images.edits", "input": body})

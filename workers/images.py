@@ -256,7 +256,7 @@ class ImageRunner:
         # An edit runs the last steps * strength steps of the schedule (diffusers' rule).
         total = shape.steps if edit is None else min(int(shape.steps * edit.strength), shape.steps)
 
-        def after_step(step: int) -> bool:
+        def after_step(step: int, total: int) -> bool:
             """Report progress; True when every job of the call is cancelled."""
             done = step + 1
             now = time.monotonic()
@@ -266,12 +266,14 @@ class ImageRunner:
             return all(hooks.cancelled(job_id) for job_id in ids)
 
         def on_step_end(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
-            if after_step(step):
+            # The pipeline's own count of its steps: a second-order scheduler (heun)
+            # or PNDM's warm-up runs more than num_inference_steps * strength.
+            if after_step(step, getattr(pipe, "num_timesteps", total)):
                 pipe._interrupt = True  # diffusers' own way to stop at the next step
             return tensors
 
         def on_step(step: int, _timestep: Any, _latents: Any) -> None:
-            if after_step(step):
+            if after_step(step, total):
                 raise CallCancelled  # older pipelines have no interrupt: leave the loop
 
         scheduler = scheduler_class(shape.scheduler) if shape.scheduler else self._own_scheduler
