@@ -333,6 +333,14 @@ def test_progress_never_passes_its_total(client: httpx.Client, scheduler: str) -
         assert done["progress"]["step"] == done["progress"]["total"]
 
 
+@pytest.mark.parametrize("prefix", ["data:image/png;base64,", "DATA:image/png;BASE64,"])
+def test_a_queued_edit_takes_a_data_url(client: httpx.Client, prefix: str) -> None:
+    image = prefix + base64.b64encode(picture()).decode()
+    body = {"model": "demo-unet", "prompt": "a red door", "image": image, "num_inference_steps": 2}
+    job = submit(client, "images.edits", body)
+    assert wait_until(client, job["id"], ended)["status"] == "succeeded"
+
+
 def test_a_queued_edit_names_the_field_within_input(client: httpx.Client) -> None:
     body = {"model": "demo-unet", "prompt": "a red door", "image": "not base64!"}
     response = client.post("/v1/jobs", json={"type": "images.edits", "input": body})

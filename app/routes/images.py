@@ -167,9 +167,9 @@ def picture(param: str, encoded: str) -> Picture:
     fails then as a 400 too.
     """
     data = encoded
-    if data.startswith("data:"):
+    if data[:5].lower() == "data:":  # the scheme and "base64" are case-insensitive (RFC 2397)
         head, comma, data = data.partition(",")
-        if not comma or not head.endswith(";base64"):
+        if not comma or not head.lower().endswith(";base64"):
             raise InvalidRequest(
                 f"Invalid '{param}': a data: URL must hold base64 ('data:image/png;base64,...').",
                 param=param,
