@@ -124,6 +124,19 @@ def test_a_mask_repaints_its_transparent_pixels_and_keeps_the_rest(client: httpx
         assert np.abs(made[inside] - sent[inside]).mean() > 10  # repainted inside
 
 
+def test_a_small_region_to_repaint_survives_resizing(client: httpx.Client) -> None:
+    image = picture(512, 512)
+    spot = Image.open(io.BytesIO(mask(512, 512, box=(1, 1, 3, 3))))
+    (made,) = pixels_of(edit(client, image, with_mask=png(spot), size="64x64"))
+    resized = (
+        Image.open(io.BytesIO(image)).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    )
+    sent = np.asarray(resized, dtype=np.int16)
+    kept = outside((0, 0, 1, 1))  # the one pixel of 64x64 the spot falls in
+    assert np.array_equal(made[kept], sent[kept])
+    assert not np.array_equal(made[~kept], sent[~kept])
+
+
 def test_the_image_is_resized_to_the_size_asked_for(client: httpx.Client) -> None:
     (made,) = pixels_of(edit(client, picture(48, 40), size="128x64"))
     assert made.shape == (64, 128, 3)

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 import torch
 from PIL import Image, ImageOps
@@ -154,7 +155,10 @@ def edit_of(job: Job) -> Edit:
                 "mask",
             )
         if mask.size != size:
-            mask = mask.resize(size, Image.Resampling.NEAREST)
+            # Sampled, a small region to repaint could fall between the samples and the
+            # edit vanish: a pixel of the new size is repainted if any it covers was.
+            covered = np.asarray(mask.convert("F").resize(size, Image.Resampling.BOX)) > 0
+            mask = Image.fromarray(covered.astype(np.uint8) * 255, "L")
     return Edit(image=image, mask=mask, strength=float(job.input["strength"]))
 
 
