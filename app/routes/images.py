@@ -75,6 +75,13 @@ def _at_most(param: str, value: float, limit: float) -> None:
         )
 
 
+def _image_model(state: AppState, model_id: str) -> tuple[str, ImageLimits]:
+    """The id and limits of the image model ``model_id`` names (an alias, perhaps)."""
+    spec = state.model(model_id, ModelKind.IMAGE)
+    assert spec.image is not None
+    return spec.id, spec.image
+
+
 def _call(body: ImageGenerationRequest, limits: ImageLimits) -> dict[str, Any]:
     """The checked parameters of the pipeline call, those of both routes."""
     steps = body.num_inference_steps or limits.default_steps
@@ -126,13 +133,11 @@ def prepare(
     reply_to: str | None = None,
 ) -> Job:
     """Check ``body`` against the model's limits; the job to queue for it."""
-    spec = state.model(body.model, ModelKind.IMAGE)
-    assert spec.image is not None
-    limits = spec.image
+    model_id, limits = _image_model(state, body.model)
     width, height = _size(body, limits) or (limits.default_width, limits.default_height)
     return Job(
         type=JobType.IMAGES_GENERATIONS,
-        model=spec.id,
+        model=model_id,
         input={**_call(body, limits), "width": width, "height": height},
         deadline=time.time() + deadline_s,
         reply_to=reply_to,
@@ -216,10 +221,9 @@ def prepare_edit(
     deadline_s: float,
     reply_to: str | None = None,
 ) -> Job:
-    """Check ``body`` against the model's limits; the job to queue for it."""
-    spec = state.model(body.model, ModelKind.IMAGE)
-    assert spec.image is not None
-    limits = spec.image
+    """Check ``body``, its image and its mask against the model's limits; the
+    edit job to queue for it."""
+    model_id, limits = _image_model(state, body.model)
     image = picture("image", body.image)
     mask = picture("mask", body.mask) if body.mask is not None else None
     if mask is not None and (mask.width, mask.height) != (image.width, image.height):
@@ -245,7 +249,7 @@ def prepare_edit(
         )
     return Job(
         type=JobType.IMAGES_EDITS,
-        model=spec.id,
+        model=model_id,
         input={
             **call,
             "width": size[0],
