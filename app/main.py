@@ -64,6 +64,7 @@ def build_state(settings: Settings) -> AppState:
         settings=settings,
         redis=redis,
         subscriber=subscriber,
+        registry=registry,
         served=served,
         dispatcher=Dispatcher(
             redis, keys, settings.result_ttl_s, settings.max_queue_depth, webhooks

@@ -14,7 +14,7 @@ from app.errors import InvalidRequest
 from app.fleet import Fleet
 from app.telemetry import Metrics
 from hearth.settings import Settings
-from models.registry import ModelKind, ModelSpec, UnknownModelError
+from models.registry import ModelKind, ModelSpec, Registry, UnknownModelError
 from workers.webhooks import WebhookSender
 
 
@@ -23,6 +23,7 @@ class AppState:
     settings: Settings
     redis: Redis  # requests' round trips, from a bounded pool
     subscriber: Redis  # event-stream subscriptions, one connection each
+    registry: Registry  # every model the store holds, by id and alias
     served: dict[str, ModelSpec]  # the models this deployment serves, by id
     dispatcher: Dispatcher
     webhooks: WebhookSender  # deliveries for the jobs this process ends, drained at shutdown
@@ -34,10 +35,8 @@ class AppState:
     def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
         """The served model ``model_id`` (or aliased so): 404 when unknown, 400 when of
         another ``kind``."""
-        spec = self.served.get(model_id) or next(
-            (spec for spec in self.served.values() if model_id in spec.aliases), None
-        )
-        if spec is None:
+        spec = self.registry.get(model_id)  # by its id or an alias
+        if spec.id not in self.served:
             raise UnknownModelError(model_id)
         if kind is not None and spec.kind is not kind:
             raise InvalidRequest(
