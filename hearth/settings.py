@@ -83,9 +83,10 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Under load (the model's last batch held several jobs), how long an "
-        "embedding batch waits for more jobs before it starts: at most twice, and never again "
-        "once a wait brings none. Default: 10 on a CPU, where one pass of 30 texts costs less "
-        "per text than two of 15; 0 on a GPU.",
+        "embedding batch waits for each further job: it starts once it holds as many jobs as "
+        "the last batch, once this long passes with no new job, or after twice this in all. "
+        "Default: 10 on a CPU, where one pass of 30 texts costs less per text than two of 15; "
+        "0 on a GPU.",
     )
     max_batch_images: int = Field(
         default=8, ge=1, le=256, description="Most images a worker generates in one pipeline call."

@@ -134,17 +134,34 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
                 HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
             )
             await first
-            # Under load: a job arriving while the next one waits joins its batch.
+            # Under load, a batch waits for as many jobs as the last one held (3), and
+            # starts once they are in, without waiting out the rest of its wait.
             early = asyncio.create_task(dispatcher.run(job("early", dispatcher)))
             await asyncio.sleep(wait_s / 4)
-            late = await dispatcher.run(job("late", dispatcher))
+            late_jobs = [job("late", dispatcher), job("late", dispatcher)]
+            full = await asyncio.gather(*(dispatcher.run(each) for each in late_jobs))
             await early
+            # Fewer than that: the batch waits until a whole wait brings no new job.
+            second = asyncio.create_task(dispatcher.run(job("second", dispatcher)))
+            await asyncio.sleep(wait_s / 4)
+            third_job = job("third", dispatcher)
+            third = await dispatcher.run(third_job)
+            await second
             # That batch held two jobs, so the next waits once, for nothing; the one
             # after it follows a batch of one, a lone client's, and starts at once.
             await dispatcher.run(job("after", dispatcher))
             lone_job = job("lone", dispatcher)
             lone = await dispatcher.run(lone_job)
-            return early.result(), late, lone, lone_job.created_at
+            return (
+                early.result(),
+                full,
+                [late.created_at for late in late_jobs],
+                second.result(),
+                third,
+                third_job.created_at,
+                lone,
+                lone_job.created_at,
+            )
         finally:
             if worker is not None:
                 await asyncio.to_thread(worker.stop)
@@ -152,10 +169,15 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
             await client.aclose()
 
     with ThreadPoolExecutor(max_workers=1) as thread:
-        early, late, lone, lone_created = thread.submit(asyncio.run, go()).result()
+        early, full, full_created, second, third, third_created, lone, lone_created = thread.submit(
+            asyncio.run, go()
+        ).result()
     sizes = redis.Redis.from_url(redis_url).hgetall(keys.batch_sizes(PACKAGED_EMBEDDING_ID))
-    assert {int(size): int(count) for size, count in sizes.items()} == {3: 1, 2: 1, 1: 2}
-    assert early["started_at"] == late["started_at"]  # one batch
+    assert {int(size): int(count) for size, count in sizes.items()} == {3: 2, 2: 1, 1: 2}
+    assert {reply["started_at"] for reply in full} == {early["started_at"]}  # one batch
+    assert early["started_at"] - max(full_created) < wait_s / 2  # full: it started at once
+    assert second["started_at"] == third["started_at"]  # one batch, which waited for more
+    assert third["started_at"] - third_created >= wait_s * 0.9
     assert lone["started_at"] - lone_created < wait_s / 2
 
 

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import orjson
@@ -69,7 +70,8 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP
 
 READ_BLOCK_MS = 1000
 IMAGE_BATCH_LINGER_S = 0.005
-EMBEDDING_BATCH_WAITS = 2  # times an embedding batch under load waits for more jobs, at most
+EMBEDDING_BATCH_WAITS = 2  # an embedding batch under load waits at most this many times the wait
+GATHER_POLL_S = 0.002  # how often a batch waiting for more jobs looks for them
 # HEARTH_EMBEDDING_BATCH_WAIT_MS when unset, by device type. A GPU computes a
 # batch in a few milliseconds: any wait there would cost more than it saves.
 DEFAULT_EMBEDDING_BATCH_WAIT_MS = {"cpu": 10.0, "cuda": 0.0}
@@ -294,46 +296,52 @@ class Worker:
         """Let a batch under load fill a moment longer before it starts.
 
         Under load (the model's last batch held several jobs), the clients it
-        answered send their next requests a moment apart. An image call takes
-        far longer than that moment, so a short image batch waits it out once.
-        An embedding batch waits HEARTH_EMBEDDING_BATCH_WAIT_MS at a time, at
-        most twice, and stops once a wait brings nothing: on a CPU, a pass of 30
-        texts costs less per text than two passes of 15, and the pass then runs
-        while the API has little to do instead of both contending for the
-        cores. A lone client is never kept waiting.
+        answered send their next requests a moment apart. The batch waits for
+        them: it starts once it holds as many jobs as the last one did, or once
+        its wait (see ``_linger``) brings no new job for a while, or at its
+        deadline. On a CPU, a pass of 30 texts costs less per text than two
+        passes of 15, and the pass then runs while the API has little to do
+        instead of both contending for the cores. A lone client is never kept
+        waiting.
         """
+        now = time.monotonic()
         lingering = {
             stream: linger
             for stream, entries in taken.items()
-            if (linger := self._linger(stream, len(entries)))[1]
+            if (linger := self._linger(stream, len(entries), now)) is not None
         }
-        waited = 0
         while lingering:
-            waited += 1
-            await asyncio.sleep(max(wait_s for wait_s, _ in lingering.values()))
+            await asyncio.sleep(GATHER_POLL_S)
             more = await self._take(list(lingering), held=taken)
+            now = time.monotonic()
             for stream, entries in more.items():
                 taken[stream] += entries
+                lingering[stream].heard = now
             lingering = {
-                stream: (wait_s, waits)
-                for stream, (wait_s, waits) in lingering.items()
-                if waited < waits
-                and stream in more
-                and len(taken[stream]) < self._batch_limit(self._streams[stream])
+                stream: linger
+                for stream, linger in lingering.items()
+                if not linger.over(len(taken[stream]), now)
             }
 
-    def _linger(self, stream: str, held: int) -> tuple[float, int]:
-        """How long a batch of ``held`` jobs from ``stream`` waits for more at a
-        time, and how many times at most (0: it starts at once)."""
+    def _linger(self, stream: str, held: int, now: float) -> _Linger | None:
+        """How a batch of ``held`` jobs from ``stream`` waits for more; None: it starts at once.
+
+        An image call takes far longer than its clients' gaps, so an image batch
+        waits them out, up to IMAGE_BATCH_LINGER_S. An embedding batch waits as
+        long as each HEARTH_EMBEDDING_BATCH_WAIT_MS brings another job, at most
+        EMBEDDING_BATCH_WAITS times that in all.
+        """
         model_id = self._streams[stream]
-        if self._last_batch.get(stream, 0) <= 1 or held >= self._batch_limit(model_id):
-            return 0.0, 0
+        target = min(self._last_batch.get(stream, 0), self._batch_limit(model_id))
+        if target <= 1 or held >= target:
+            return None
         kind = self.specs[model_id].kind
         if kind is ModelKind.IMAGE:
-            return IMAGE_BATCH_LINGER_S, 1
+            return _Linger(target, IMAGE_BATCH_LINGER_S, now, now + IMAGE_BATCH_LINGER_S)
         if kind is ModelKind.EMBEDDING and self._embedding_wait_s > 0:
-            return self._embedding_wait_s, EMBEDDING_BATCH_WAITS
-        return 0.0, 0
+            wait_s = self._embedding_wait_s
+            return _Linger(target, wait_s, now, now + EMBEDDING_BATCH_WAITS * wait_s)
+        return None
 
     async def _take(
         self,
@@ -720,6 +728,20 @@ class Worker:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
         await self.redis.aclose()
+
+
+@dataclass
+class _Linger:
+    """A batch waiting for more jobs: it starts once it holds ``target`` jobs,
+    once ``quiet_s`` passes with no new one, or at ``deadline``."""
+
+    target: int
+    quiet_s: float
+    heard: float  # time.monotonic() of the last job that joined, or of the wait's start
+    deadline: float
+
+    def over(self, held: int, now: float) -> bool:
+        return held >= self.target or now - self.heard >= self.quiet_s or now >= self.deadline
 
 
 class _Hooks:
