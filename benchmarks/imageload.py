@@ -2,7 +2,7 @@
 
 ``request_body`` asks for what ``imagejob.image_input`` describes, so the raw
 runner and the worker generate the same image for the same seed.
-``sequential`` and ``closed_loop`` drive `POST /v1/images/generations` with
+``alternating`` and ``closed_loop`` drive `POST /v1/images/generations` with
 aiohttp (one session, so connections are kept alive); ``job_phases`` splits
 Hearth's time per request using the job records the API and worker wrote.
 """
@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,14 +65,37 @@ def _session(concurrency: int) -> aiohttp.ClientSession:
     )
 
 
-async def sequential(
-    url: str, model: str, size: int, steps: int, seeds: list[int], warmup: int
-) -> list[Sent]:
-    """One request at a time, one per seed, after ``warmup`` unmeasured ones."""
+async def alternating(
+    url: str,
+    model: str,
+    size: int,
+    steps: int,
+    seeds: list[int],
+    warmup: int,
+    raw: Callable[[int], float],
+) -> tuple[list[float], list[Sent]]:
+    """Each seed's image made twice, back to back: by ``raw`` (in this process,
+    returning its ms) and through Hearth, one request at a time.
+
+    The two calls of a pair share the machine's speed of that moment, which on a
+    shared machine drifts by tens of percent within a minute. Which side goes
+    first alternates from one pair to the next, so that neither always follows
+    the other's idle. ``warmup`` pairs go first, unmeasured.
+    """
     async with _session(1) as client:
         for seed in range(warmup):
+            raw(seed)
             await _post(client, url, request_body(model, size, steps, seed))
-        return [await _post(client, url, request_body(model, size, steps, s)) for s in seeds]
+        raw_ms: list[float] = []
+        sent: list[Sent] = []
+        for index, seed in enumerate(seeds):
+            if index % 2:
+                sent.append(await _post(client, url, request_body(model, size, steps, seed)))
+                raw_ms.append(raw(seed))
+            else:
+                raw_ms.append(raw(seed))
+                sent.append(await _post(client, url, request_body(model, size, steps, seed)))
+        return raw_ms, sent
 
 
 async def closed_loop(

@@ -4,9 +4,10 @@
    private Redis, one worker holding both models and the API (the Stack of
    benchmarks/embeddings.py), with the same torch thread count as this process.
 2. Overhead, per model at two sizes (--size and --large-size): one image at a
-   time, in this process through ImageRunner (PNG encoding included, as in the
-   worker) and through `POST /v1/images/generations`; the rounds alternate and
-   the best of each side counts. The job records split Hearth's time into phases.
+   time, each made in this process through ImageRunner (PNG encoding included,
+   as in the worker) and through `POST /v1/images/generations` back to back;
+   the median of the pairs' ratios is the overhead. The job records split
+   Hearth's time into phases.
 3. Batching, per model: images/s through Hearth at concurrency 8 against 1,
    and the images per pipeline call the worker counted.
 4. Memory: RSS of fresh workers holding demo-unet, demo-dit and both; the
@@ -36,7 +37,7 @@ import torch
 import wakeup
 from embeddings import NAMESPACE, READY_TIMEOUT_S, STOP_TIMEOUT_S, CpuSample, Stack, command_line
 from imagejob import image_input
-from imageload import Sent, closed_loop, job_phases, sequential
+from imageload import Sent, alternating, closed_loop, job_phases
 from images_report import NAME, Batching, Memory, Overhead, Round, Setup, render
 from report import write_section
 
@@ -51,11 +52,12 @@ from workers.images import ImageRunner
 from workers.protocol import Job, JobStatus, JobType, Keys
 
 HERE = Path(__file__).resolve().parent
-# Raw and Hearth rounds alternate this many times; the best of each counts, and
-# the median of the pairs. On a shared 2-core machine one minute runs up to 25%
-# slower than the next: three rounds a side left the verdicts to chance.
+# Rounds of images, each image made in-process and through Hearth back to back.
+# On a shared 2-core machine one minute runs up to 25% slower than the next, and
+# rounds of one side then of the other left the verdicts to chance: the two
+# calls of a pair share their moment's speed.
 ROUNDS = 5
-WARMUP = 3  # unmeasured images per model and side before the first round
+WARMUP = 3  # unmeasured pairs per model before the first round
 ROUND_WARMUP = 1  # and before every later one (Hearth: a new connection)
 CONCURRENCY = 8
 MAX_BATCH_IMAGES = 8  # the worker's default HEARTH_MAX_BATCH_IMAGES
@@ -63,36 +65,45 @@ MIN_LARGE_REQUESTS = 8  # images per overhead round at the large size, at least
 SETTLE_S = 5.0  # how long the worker's batch counters may lag the last reply
 
 
-def raw_round(runner: ImageRunner, size: int, steps: int, seeds: list[int]) -> Round:
-    """Ms per image of ``runner.run([job], NoHooks())``, one job per seed, in turn."""
-    times: list[float] = []
-    for seed in seeds:
-        job = Job(
-            type=JobType.IMAGES_GENERATIONS,
-            model=runner.model_id,
-            input=image_input(size, steps, seed),
-            deadline=time.time() + 3600,
-        )
-        started = time.perf_counter()
-        (outcome,), _ = runner.run([job], NoHooks())
-        times.append((time.perf_counter() - started) * 1000)
-        if outcome.status is not JobStatus.SUCCEEDED:
-            raise RuntimeError(f"{runner.model_id}: raw call ended {outcome.status}")
-    return Round(tuple(times))
+def raw_call(runner: ImageRunner, size: int, steps: int, seed: int) -> float:
+    """Ms of ``runner.run([job], NoHooks())`` for one image of ``seed``."""
+    job = Job(
+        type=JobType.IMAGES_GENERATIONS,
+        model=runner.model_id,
+        input=image_input(size, steps, seed),
+        deadline=time.time() + 3600,
+    )
+    started = time.perf_counter()
+    (outcome,), _ = runner.run([job], NoHooks())
+    ms = (time.perf_counter() - started) * 1000
+    if outcome.status is not JobStatus.SUCCEEDED:
+        raise RuntimeError(f"{runner.model_id}: raw call ended {outcome.status}")
+    return ms
 
 
 def measure_overhead(
     stack: Stack, runner: ImageRunner, size: int, steps: int, requests: int
 ) -> Overhead:
-    """Alternate raw and Hearth rounds of ``requests`` images; phases of the best Hearth round."""
+    """Rounds of ``requests`` images, each made in-process and through Hearth in turn;
+    phases of the best Hearth round."""
     model, seeds = runner.model_id, list(range(requests))
     raw: list[Round] = []
     calls: list[list[Sent]] = []
     for index in range(ROUNDS):
         warmup = WARMUP if index == 0 else ROUND_WARMUP
-        raw_round(runner, size, steps, list(range(warmup)))
-        raw.append(raw_round(runner, size, steps, seeds))
-        calls.append(asyncio.run(sequential(stack.url, model, size, steps, seeds, warmup)))
+        raw_ms, sent = asyncio.run(
+            alternating(
+                stack.url,
+                model,
+                size,
+                steps,
+                seeds,
+                warmup,
+                lambda seed: raw_call(runner, size, steps, seed),
+            )
+        )
+        raw.append(Round(tuple(raw_ms)))
+        calls.append(sent)
         print(
             f"{model} {size}x{size} round {index + 1}: raw {raw[-1].mean:.1f} ms, "
             f"Hearth {Round(tuple(c.ms for c in calls[-1])).mean:.1f} ms",
