@@ -265,6 +265,12 @@ def command_line() -> str:
     return shlex.join([str(python), *sys.argv])
 
 
+# Concurrency 1 against the raw call, once more: this many pairs of short
+# stretches, Hearth's and the raw model's in turn, each PAIR_S seconds measured.
+LATENCY_PAIRS = 6
+PAIR_S = 3.0
+PAIR_WARMUP_S = 1.0
+
 # A level's measured window holds at least this many rounds of every client.
 ROUNDS_PER_WINDOW = 3
 
@@ -384,6 +390,21 @@ def main() -> None:
                 idle_again = raw_model.latency_ms(args.warmup / 2, args.duration / 2, IDLE_MS)
             raw.p50_ms = min(raw.p50_ms, again)
             raw.idle_p50_ms = min(raw.idle_p50_ms, idle_again)
+            # Then short stretches of each in turn: p50s taken seconds apart share
+            # the machine's speed of that moment, which drifts between minutes.
+            for pair in range(LATENCY_PAIRS):
+                p50s: dict[str, float] = {}
+                for side in ("hearth", "raw") if pair % 2 == 0 else ("raw", "hearth"):
+                    if side == "hearth":
+                        with hearth_only:
+                            summary = run_level(
+                                stack.url, "/v1/embeddings", 1, 1, PAIR_WARMUP_S, PAIR_S
+                            )
+                        p50s[side] = summary["p50_ms"]
+                    else:
+                        with everyone_else:
+                            p50s[side] = raw_model.latency_ms(PAIR_WARMUP_S, PAIR_S)
+                raw.paired.append((p50s["hearth"], p50s["raw"]))
         foreign = started.foreign_share(CpuSample.now())
         peer_versions = (
             f"infinity-emb {infinity.version} (torch {infinity.torch_version})"
