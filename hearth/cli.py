@@ -130,6 +130,11 @@ def worker(
     os.environ.update(openmp_environment(settings.pin_threads, short_spin=not only_images))
     if settings.keep_freed_memory:
         keep_freed_memory()
+    from models import library_logs
+
+    # Before diffusers is imported: its pipeline modules warn as they load.
+    images = any(spec.kind is ModelKind.IMAGE for spec in specs)
+    library_logs.adopt("transformers", *(["diffusers"] if images else []))
     from workers.worker import Worker
 
     # The standard event loop: under uvloop, a worker told to stop right after

@@ -31,6 +31,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from models import library_logs
+
 DEMO_MODEL_IDS = ("demo-unet", "demo-dit")
 
 _CORPUS = (
@@ -60,15 +62,6 @@ _T5_MAX_TOKENS = 300  # PixArt-Sigma's max_sequence_length
 _CLIP_SPLIT = (
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 )
-
-
-def _quiet() -> None:
-    """Silence the loaders' progress bars (they clutter service logs)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    diffusers_logging.disable_progress_bar()
 
 
 def _clip_tokenizer() -> Any:
@@ -331,7 +324,7 @@ def build_demo_models(store: Path, *, overwrite: bool = False) -> list[Path]:
     folder format, loadable with ``DiffusionPipeline.from_pretrained``.
     Existing folders are kept unless ``overwrite``. Returns the folders written.
     """
-    _quiet()
+    library_logs.adopt("transformers", "diffusers")
     store.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for model_id in DEMO_MODEL_IDS:

@@ -15,9 +15,8 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
 )
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as hf_logging
 
+from models import library_logs
 from models.batch_invariance import make_batch_invariant
 from models.components import NOT_SHARED, ComponentCache, ComponentKey
 from models.device import Placement
@@ -55,8 +54,7 @@ def load_text_to_image(
     (``models.batch_invariance``); a worker uses one value for all its models,
     so shared components agree.
     """
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
+    library_logs.adopt("transformers", "diffusers")  # no "Loading pipeline components..." bar
     keys: dict[str, ComponentKey] = {
         name: ComponentCache.key(class_name, folder / name)
         for name, class_name in _components(folder).items()

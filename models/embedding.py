@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
+from models import library_logs
 from models.device import Placement
 from models.st_config import (
     DenseLayer,
@@ -63,7 +63,7 @@ class EmbeddingModel:
     def __init__(
         self, folder: Path, placement: Placement, max_batch_tokens: int | None = None
     ) -> None:
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        library_logs.adopt("transformers")
         self.config: EmbeddingConfig = read_embedding_config(folder)
         self.placement = placement
         self.max_batch_tokens = max_batch_tokens or DEFAULT_BATCH_TOKENS.get(
