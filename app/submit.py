@@ -60,9 +60,10 @@ def idempotency(request: Request, job: Job, parameters: BaseModel) -> Idempotenc
         )
     # The parameters as validated, not the job's input: that holds the seed
     # drawn when none was asked for, different for every retry of one request.
+    # The model as served, not as named: an alias and its model's id ask for one thing.
     described = {
         "type": job.type.value,
-        "parameters": parameters.model_dump(mode="json"),
+        "parameters": {**parameters.model_dump(mode="json"), "model": job.model},
         "webhook": job.webhook,
     }
     digest = hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -140,6 +140,14 @@ def test_an_idempotency_key_holds_to_the_request_it_came_with(client: httpx.Clie
         assert error["code"] == "idempotency_key_reused"
         assert error["param"] == "Idempotency-Key"
         assert "Idempotency-Key" in error["message"]
+    # The model named by an alias: the same request as by its id.
+    aliased = client.post(
+        "/v1/jobs",
+        json={"type": "embeddings", "input": {**embed, "model": "text-embedding-3-small"}},
+        headers=keyed,
+    )
+    assert aliased.status_code == 202
+    assert aliased.json()["id"] == job.json()["id"]
     # No seed asked for: a retry is the same request, though each draws a seed of its own.
     unseeded = {"model": "demo-dit", "prompt": "any seed", "num_inference_steps": 1}
     again = {"Idempotency-Key": f"unseeded-{uuid.uuid4().hex}", **ASYNC}
