@@ -267,6 +267,18 @@ def test_one_image_at_a_time(client: httpx.Client) -> None:
     assert error_of(client.post("/v1/images/edits", data=FORM, files=files))["param"] == "image"
 
 
+def test_a_form_that_cannot_be_read_says_so(client: httpx.Client) -> None:
+    files = [(f"file{i}", (f"{i}.png", picture(), "image/png")) for i in range(4)]
+    error = error_of(client.post("/v1/images/edits", data=FORM, files=files))
+    assert error["code"] == "invalid_form"
+    assert "Too many files" in error["message"]
+    upload = {"image": ("image.png", picture(), "image/png")}
+    huge = client.post("/v1/images/edits", data={**FORM, "prompt": "x" * 1_100_000}, files=upload)
+    error = error_of(huge)
+    assert error["code"] == "invalid_form"
+    assert "maximum size" in error["message"]
+
+
 def test_a_json_body_is_refused_saying_what_the_route_takes(client: httpx.Client) -> None:
     error = error_of(client.post("/v1/images/edits", json={**FORM, "image": "aGk="}))
     assert "multipart/form-data" in error["message"]

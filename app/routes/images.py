@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from app.errors import InvalidRequest
 from app.schemas import WORK_ERRORS, ImageEditRequest, ImageGenerationRequest, ImageResponse
@@ -296,35 +297,42 @@ async def edit_request(request: Request) -> ImageEditRequest:
             code="invalid_body",
         )
     fields: dict[str, Any] = {}
-    async with request.form(max_files=len(EDIT_FILES) + 1) as form:
-        for name, value in form.multi_items():
-            key = "image" if name == "image[]" else name  # the openai client's list form
-            if key in fields:
-                why = "Hearth edits one image at a time" if key == "image" else "send it once"
-                raise InvalidRequest(
-                    f"Invalid '{key}': sent more than once; {why}.",
-                    param=key,
-                    code="invalid_value",
-                )
-            if isinstance(value, UploadFile):
-                if key not in EDIT_FILES:
+    try:
+        async with request.form(max_files=len(EDIT_FILES) + 1) as form:
+            for name, value in form.multi_items():
+                key = "image" if name == "image[]" else name  # the openai client's list form
+                if key in fields:
+                    why = "Hearth edits one image at a time" if key == "image" else "send it once"
                     raise InvalidRequest(
-                        f"Invalid '{key}': a file, where only 'image' and 'mask' are files.",
+                        f"Invalid '{key}': sent more than once; {why}.",
                         param=key,
                         code="invalid_value",
                     )
-                content = await value.read()
-                if not content:
+                if isinstance(value, UploadFile):
+                    if key not in EDIT_FILES:
+                        raise InvalidRequest(
+                            f"Invalid '{key}': a file, where only 'image' and 'mask' are files.",
+                            param=key,
+                            code="invalid_value",
+                        )
+                    content = await value.read()
+                    if not content:
+                        raise InvalidRequest(
+                            f"Invalid '{key}': the file is empty.", param=key, code="invalid_image"
+                        )
+                    fields[key] = base64.b64encode(content).decode("ascii")
+                elif key in EDIT_FILES:
                     raise InvalidRequest(
-                        f"Invalid '{key}': the file is empty.", param=key, code="invalid_image"
+                        f"Invalid '{key}': send it as a file.", param=key, code="invalid_value"
                     )
-                fields[key] = base64.b64encode(content).decode("ascii")
-            elif key in EDIT_FILES:
-                raise InvalidRequest(
-                    f"Invalid '{key}': send it as a file.", param=key, code="invalid_value"
-                )
-            else:
-                fields[key] = _form_value(key, value)
+                else:
+                    fields[key] = _form_value(key, value)
+    except HTTPException as exc:  # Starlette could not take the form apart
+        if exc.status_code != 400:
+            raise
+        raise InvalidRequest(
+            f"The multipart form could not be read: {exc.detail}", code="invalid_form"
+        ) from None
     try:
         return ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
