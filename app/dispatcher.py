@@ -368,7 +368,7 @@ class Dispatcher:
     async def cancel(self, job_id: str) -> bool:
         """End a job as cancelled unless it already ended; workers skip it from then on."""
         error = orjson.dumps(
-            {"message": "cancelled by the client", "type": "cancelled", "param": None}
+            {"message": "cancelled by the client", "type": "cancelled", "param": None, "code": None}
         )
         ended = await self._finish(
             keys=[self.keys.job(job_id)],

@@ -148,5 +148,6 @@ def _failure(reply: dict[str, Any]) -> Exception:
     error = reply.get("error") or {}
     message = error.get("message") or f"the job ended {reply['status']}"
     if error.get("type") == "invalid_request_error":
-        return InvalidRequest(message, param=error.get("param"), code="invalid_for_model")
+        code = error.get("code") or "invalid_for_model"
+        return InvalidRequest(message, param=error.get("param"), code=code)
     return InferenceFailed(message, code=reply["status"])

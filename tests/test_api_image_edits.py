@@ -260,6 +260,7 @@ def test_an_opaque_mask_leaves_nothing_to_edit(client: httpx.Client) -> None:
     error = error_of(edit(client, with_mask=mask(box=None)))
     assert error["param"] == "mask"
     assert "transparent" in error["message"]
+    assert error["code"] == "invalid_image"  # an image fault, as the API's own checks say
 
 
 def test_one_image_at_a_time(client: httpx.Client) -> None:
@@ -288,6 +289,7 @@ def test_a_model_with_no_edit_pipeline_says_so(client: httpx.Client) -> None:
     error = error_of(edit(client, model="demo-dit"))
     assert error["param"] == "model"
     assert "cannot edit" in error["message"]
+    assert error["code"] == "invalid_for_model"
 
 
 def test_an_edit_queued_as_a_job_reports_its_steps(client: httpx.Client) -> None:
@@ -336,6 +338,7 @@ def test_an_edit_that_fails_leaves_its_batch_run_once(
     failed = wait_until(client, failing["id"], ended)
     assert failed["status"] == "failed"
     assert failed["error"]["param"] == "mask"
+    assert failed["error"]["code"] == "invalid_image"  # a queued job's error has its code too
     # One call made both images, and nothing ran again.
     assert redis_client.hgetall(stats) == {b"2": b"1"}
 

@@ -126,7 +126,7 @@ def _picture(job: Job, param: str) -> Any:
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidJobInput(
-            f"Invalid '{param}': the image cannot be read ({exc}).", param
+            f"Invalid '{param}': the image cannot be read ({exc}).", param, "invalid_image"
         ) from None
     # EXIF that cannot be read turns nothing, in the API's measure too.
     with contextlib.suppress(SyntaxError, ValueError, OSError):
@@ -153,6 +153,7 @@ def edit_of(job: Job) -> Edit:
                 "Invalid 'mask': it has no fully transparent pixel, so there is nothing to "
                 "edit; make transparent the pixels to repaint.",
                 "mask",
+                "invalid_image",
             )
         if mask.size != size:
             # Sampled, a small region to repaint could fall between the samples and the

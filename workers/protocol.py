@@ -191,17 +191,20 @@ def job_view(job_id: str, record: Mapping[bytes, bytes]) -> dict[str, Any] | Non
 
 class InvalidJobInput(ValueError):
     """A job asks for something its model cannot do: it fails as the client's error,
-    naming the field at fault (``param``) where there is one."""
+    naming the field at fault (``param``) where there is one, with the code the API
+    gives the same fault where it finds it first (``code``)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, code: str = "invalid_for_model"
+    ) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
     def outcome(self) -> Outcome:
         """The job's end: failed, as the client's error."""
-        return Outcome(
-            JobStatus.FAILED, error=JobError(str(self), "invalid_request_error", self.param)
-        )
+        error = JobError(str(self), "invalid_request_error", self.param, self.code)
+        return Outcome(JobStatus.FAILED, error=error)
 
 
 def absolute_urls(view: dict[str, Any], base_url: str | None) -> dict[str, Any]:
@@ -221,9 +224,10 @@ class JobError:
     message: str
     type: str = "server_error"
     param: str | None = None
+    code: str | None = None  # the API's error code, where the client's input is at fault
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"message": self.message, "type": self.type, "param": self.param}
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
 # Why a job nobody finished before its deadline ended `expired`.
