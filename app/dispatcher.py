@@ -40,6 +40,7 @@ from workers.protocol import (
     FINISH_SCRIPT,
     TERMINAL_STATUSES,
     Job,
+    JobError,
     JobStatus,
     Keys,
     expire_args,
@@ -367,9 +368,7 @@ class Dispatcher:
 
     async def cancel(self, job_id: str) -> bool:
         """End a job as cancelled unless it already ended; workers skip it from then on."""
-        error = orjson.dumps(
-            {"message": "cancelled by the client", "type": "cancelled", "param": None, "code": None}
-        )
+        error = orjson.dumps(JobError("cancelled by the client", "cancelled").to_dict())
         ended = await self._finish(
             keys=[self.keys.job(job_id)],
             args=[

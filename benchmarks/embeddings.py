@@ -390,21 +390,27 @@ def main() -> None:
                 idle_again = raw_model.latency_ms(args.warmup / 2, args.duration / 2, IDLE_MS)
             raw.p50_ms = min(raw.p50_ms, again)
             raw.idle_p50_ms = min(raw.idle_p50_ms, idle_again)
-            # Then short stretches of each in turn: p50s taken seconds apart share
-            # the machine's speed of that moment, which drifts between minutes.
+
+            def hearth_p50() -> float:
+                with hearth_only:
+                    summary = run_level(stack.url, "/v1/embeddings", 1, 1, PAIR_WARMUP_S, PAIR_S)
+                return float(summary["p50_ms"])
+
+            def raw_p50() -> float:
+                with everyone_else:
+                    return raw_model.latency_ms(PAIR_WARMUP_S, PAIR_S)
+
+            # Then short stretches of each in turn, the side that goes first changing:
+            # p50s taken seconds apart share the machine's speed of that moment, which
+            # drifts between minutes.
             for pair in range(LATENCY_PAIRS):
-                p50s: dict[str, float] = {}
-                for side in ("hearth", "raw") if pair % 2 == 0 else ("raw", "hearth"):
-                    if side == "hearth":
-                        with hearth_only:
-                            summary = run_level(
-                                stack.url, "/v1/embeddings", 1, 1, PAIR_WARMUP_S, PAIR_S
-                            )
-                        p50s[side] = summary["p50_ms"]
-                    else:
-                        with everyone_else:
-                            p50s[side] = raw_model.latency_ms(PAIR_WARMUP_S, PAIR_S)
-                raw.paired.append((p50s["hearth"], p50s["raw"]))
+                if pair % 2 == 0:
+                    hearth_ms = hearth_p50()
+                    raw_ms = raw_p50()
+                else:
+                    raw_ms = raw_p50()
+                    hearth_ms = hearth_p50()
+                raw.paired.append((hearth_ms, raw_ms))
         foreign = started.foreign_share(CpuSample.now())
         peer_versions = (
             f"infinity-emb {infinity.version} (torch {infinity.torch_version})"
