@@ -22,8 +22,8 @@
 #   pip download --dest benchmarks/wheels torch==2.13.0 \
 #       --index-url https://download.pytorch.org/whl/cu128
 #   pip download --dest benchmarks/wheels --find-links benchmarks/wheels \
-#       setuptools psutil aiohttp .
-# (psutil and aiohttp serve --service only.) For another Python or platform, add
+#       setuptools psutil .
+# (psutil serves --service only.) For another Python or platform, add
 # --python-version 3.X --platform manylinux_2_28_x86_64 --only-binary=:all: to both commands.
 set -euo pipefail
 
@@ -53,7 +53,7 @@ wheelhouse_help() {
 Prepare the wheelhouse on a machine with internet, with Python $version on Linux x86_64
 (or add --python-version, --platform manylinux_2_28_x86_64 and --only-binary=:all:):
   pip download --dest benchmarks/wheels torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
-  pip download --dest benchmarks/wheels --find-links benchmarks/wheels setuptools psutil aiohttp .
+  pip download --dest benchmarks/wheels --find-links benchmarks/wheels setuptools psutil .
 then bring benchmarks/wheels here (or pass its folder as the first argument, or WHEELS=...).
 EOF
 }
@@ -124,7 +124,7 @@ else
     fi
 fi
 
-# 3. Hearth's dependencies (and psutil and aiohttp for --service), from the wheelhouse.
+# 3. Hearth's dependencies (and psutil for --service), from the wheelhouse.
 if ! bench_check >/dev/null 2>&1; then
     if ! compgen -G "$wheels/*.whl" >/dev/null; then
         bench_check >&2 || true
@@ -133,7 +133,7 @@ if ! bench_check >/dev/null 2>&1; then
     echo "installing Hearth and its dependencies from $wheels"
     if ! "$py" -c 'import setuptools' 2>/dev/null; then pip_install setuptools; fi
     pip_install --no-build-isolation -e "$repo"
-    if [[ $service == 1 ]]; then pip_install psutil aiohttp; fi
+    if [[ $service == 1 ]]; then pip_install psutil; fi
     if ! bench_check >/dev/null 2>&1; then
         bench_check >&2 || true
         missing "still not importable after installing from $wheels (see above)"

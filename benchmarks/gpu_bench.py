@@ -11,7 +11,7 @@
    which the runner does on the CPU, is also timed alone for one image.
 3. With ``--service``: Hearth end to end on the same device (the Stack of
    benchmarks/embeddings.py): embeddings through loadgen.py, images through
-   imageload.closed_loop. It needs psutil and aiohttp besides Hearth.
+   imageload.closed_loop. It needs psutil besides Hearth.
 4. Prints one Markdown table, and writes it to ``$OUT/gpu-results.md`` when
    ``OUT`` is set (or to ``--output``), rewritten after every row so a run cut
    short still leaves what it measured.

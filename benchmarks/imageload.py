@@ -2,9 +2,10 @@
 
 ``request_body`` asks for what ``imagejob.image_input`` describes, so the raw
 runner and the worker generate the same image for the same seed.
-``alternating`` and ``closed_loop`` drive `POST /v1/images/generations` with
-aiohttp (one session, so connections are kept alive); ``job_phases`` splits
-Hearth's time per request using the job records the API and worker wrote.
+``alternating`` and ``closed_loop`` drive `POST /v1/images/generations`
+through keep-alive connections (httpclient.py, the load generator's lean
+client); ``job_phases`` splits Hearth's time per request using the job
+records the API and worker wrote.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
 import redis
+from httpclient import Connection, post_request
 from imagejob import GUIDANCE, PROMPT
 
-JSON = {"Content-Type": "application/json"}
 TIMEOUT_S = 120.0
+PATH = "/v1/images/generations"
 
 
 def request_body(model: str, size: int, steps: int, seed: int) -> dict[str, Any]:
@@ -47,22 +49,26 @@ class Sent:
     ms: float  # the same span on the monotonic clock
 
 
-async def _post(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Sent:
-    sent_at, started = time.time(), time.perf_counter()
-    async with client.post(f"{url}/v1/images/generations", data=json.dumps(body)) as response:
-        payload = await response.read()
-    ms = (time.perf_counter() - started) * 1000
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {payload[:300]!r}")
-    return Sent(sent_at, time.time(), ms)
+class _Client:
+    """One keep-alive connection to Hearth at ``url``."""
 
+    def __init__(self, url: str) -> None:
+        address = urlsplit(url)
+        self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
+        self.path = f"{address.path.rstrip('/')}{PATH}"
+        self.connection = Connection(self.host, self.port)
 
-def _session(concurrency: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency),
-        timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
-        headers=JSON,
-    )
+    async def post(self, body: dict[str, Any]) -> Sent:
+        request = post_request(self.host, self.port, self.path, json.dumps(body).encode())
+        sent_at, started = time.time(), time.perf_counter()
+        response = await self.connection.send(request, TIMEOUT_S)
+        ms = (time.perf_counter() - started) * 1000
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.body[:300]!r}")
+        return Sent(sent_at, time.time(), ms)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 async def alternating(
@@ -82,20 +88,23 @@ async def alternating(
     first alternates from one pair to the next, so that neither always follows
     the other's idle. ``warmup`` pairs go first, unmeasured.
     """
-    async with _session(1) as client:
+    client = _Client(url)
+    try:
         for seed in range(warmup):
             raw(seed)
-            await _post(client, url, request_body(model, size, steps, seed))
+            await client.post(request_body(model, size, steps, seed))
         raw_ms: list[float] = []
         sent: list[Sent] = []
         for index, seed in enumerate(seeds):
             if index % 2:
-                sent.append(await _post(client, url, request_body(model, size, steps, seed)))
+                sent.append(await client.post(request_body(model, size, steps, seed)))
                 raw_ms.append(raw(seed))
             else:
                 raw_ms.append(raw(seed))
-                sent.append(await _post(client, url, request_body(model, size, steps, seed)))
+                sent.append(await client.post(request_body(model, size, steps, seed)))
         return raw_ms, sent
+    finally:
+        client.close()
 
 
 async def closed_loop(
@@ -107,14 +116,16 @@ async def closed_loop(
     worker may run concurrent requests in one pipeline call."""
     counter = itertools.count()
 
-    async def client_loop(client: aiohttp.ClientSession) -> None:
-        while (index := next(counter)) < total:
-            await _post(client, url, request_body(model, size, steps, 1000 + index))
+    async def client_loop(client: _Client) -> None:
+        try:
+            while (index := next(counter)) < total:
+                await client.post(request_body(model, size, steps, 1000 + index))
+        finally:
+            client.close()
 
-    async with _session(concurrency) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        return total / (time.perf_counter() - started)
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(_Client(url)) for _ in range(concurrency)))
+    return total / (time.perf_counter() - started)
 
 
 PHASES = (

@@ -272,7 +272,7 @@ def render(
         f"{setup.steps} steps, guidance {GUIDANCE:g}, one prompt, each image its own seed; "
         f"batching at {setup.size}x{setup.size}",
         "- Hearth: a private Redis, one worker holding both models, one API, all on this "
-        "machine; clients use aiohttp from this process",
+        "machine; clients use benchmarks/httpclient.py (keep-alive, httptools) from this process",
         "- CPU used by other processes (share of all cores): "
         + ", ".join(f"{phase} {share:.0%}" for phase, share in setup.foreign.items())
         + f"; above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",

@@ -1,14 +1,14 @@
 """Closed-loop load generator for an OpenAI-style embeddings endpoint, run in its own process.
 
-``concurrency`` asyncio tasks share one aiohttp session (several times
-cheaper per request than httpx, which matters when the client shares the
-machine's cores with the service it measures); each sends requests back to
-back for ``warmup`` then ``duration`` seconds to ``POST {url}{path}``
-(Hearth's ``/v1/embeddings`` by default; infinity-emb serves ``/embeddings``).
-A request's ``input`` is one sentence when ``inputs`` is 1, else a list of
+``concurrency`` asyncio tasks, each with a keep-alive connection of its own
+(httpclient.py: little CPU per request, which matters when the client shares
+the machine's cores with the service it measures), send requests back to back
+for ``warmup`` then ``duration`` seconds to ``POST {url}{path}`` (Hearth's
+``/v1/embeddings`` by default; infinity-emb serves ``/embeddings``). A
+request's ``input`` is one sentence when ``inputs`` is 1, else a list of
 ``inputs`` sentences, taken in turn from benchmarks/sentences.py. Every
-distinct request body is JSON-encoded once, before the load starts, and the
-ready bytes are cycled through, so the client spends little CPU per request.
+distinct request is encoded once, before the load starts, and the ready bytes
+are cycled through.
 Only requests that complete inside the measured window (after the warmup,
 before its end) count. Prints one JSON line:
 
@@ -34,12 +34,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import numpy as np
+from httpclient import Connection, post_request
 from sentences import SENTENCES
-
-JSON = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -68,26 +67,28 @@ def request_bodies(model: str, inputs: int) -> list[bytes]:
 
 
 async def _client_loop(
-    client: aiohttp.ClientSession,
-    url: str,
-    bodies: Iterator[bytes],
+    connection: Connection,
+    requests: Iterator[bytes],
     stop_at: float,
+    timeout_s: float,
     records: list[Record],
 ) -> None:
     """Send requests back to back until ``stop_at``, appending one record each."""
-    while time.perf_counter() < stop_at:
-        body = next(bodies)
-        started = time.perf_counter()
-        error: str | None = None
-        try:
-            async with client.post(url, data=body, headers=JSON) as response:
-                payload = await response.read()
+    try:
+        while time.perf_counter() < stop_at:
+            request = next(requests)
+            started = time.perf_counter()
+            error: str | None = None
+            try:
+                response = await connection.send(request, timeout_s)
                 if response.status != 200:
-                    error = f"HTTP {response.status}: {payload[:200]!r}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        done = time.perf_counter()
-        records.append(Record(done, done - started, error))
+                    error = f"HTTP {response.status}: {response.body[:200]!r}"
+            except (OSError, TimeoutError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            done = time.perf_counter()
+            records.append(Record(done, done - started, error))
+    finally:
+        connection.close()
 
 
 def summarize(
@@ -129,20 +130,22 @@ async def generate(
 ) -> dict[str, Any]:
     """Run the closed loop against ``url`` + ``path`` and return its summary."""
     records: list[Record] = []
-    bodies = itertools.cycle(request_bodies(model, inputs))  # shared by every task
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    endpoint = f"{url.rstrip('/')}{path}"
+    address = urlsplit(url)
+    host, port = address.hostname or "127.0.0.1", address.port or 80
+    endpoint = f"{address.path.rstrip('/')}{path}"
+    prepared = [post_request(host, port, endpoint, body) for body in request_bodies(model, inputs)]
+    requests = itertools.cycle(prepared)  # shared by every task
     cpu_started = time.process_time()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
-        start = time.perf_counter()
-        window_start = start + warmup_s
-        window_end = window_start + duration_s
-        tasks = [
-            asyncio.create_task(_client_loop(client, endpoint, bodies, window_end, records))
-            for _ in range(concurrency)
-        ]
-        await asyncio.gather(*tasks)
+    start = time.perf_counter()
+    window_start = start + warmup_s
+    window_end = window_start + duration_s
+    tasks = [
+        asyncio.create_task(
+            _client_loop(Connection(host, port), requests, window_end, timeout_s, records)
+        )
+        for _ in range(concurrency)
+    ]
+    await asyncio.gather(*tasks)
     summary = summarize(records, concurrency, window_start, window_end, inputs)
     summary["completed"] = len(records)
     summary["cpu_s"] = time.process_time() - cpu_started

@@ -367,7 +367,7 @@ def render(
         f"- CPU used by other processes during the run (share of all cores): {foreign:.0%};"
         f" above {FOREIGN_CPU_LIMIT:.0%}, the numbers below are disturbed",
         "",
-        "Closed loop from one load-generator process (aiohttp) on the same machine, the same"
+        "Closed loop from one load-generator process (httpclient.py) on the same machine, the same"
         " requests for every contender. A level lasts `--duration`, or three rounds of every"
         " client where more texts are in flight than that allows. Errors are"
         " failed/completed requests; mean batch is"
