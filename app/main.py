@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry  # the asyncio one: redis.retry's never awaits a retry
@@ -14,7 +14,7 @@ from redis.backoff import ExponentialBackoff
 
 import hearth
 from app import errors
-from app.auth import TOKEN_BUCKET_SCRIPT, authorize
+from app.auth import TOKEN_BUCKET_SCRIPT, Authorize, document_security
 from app.dispatcher import Dispatcher
 from app.docs import DocsPolicy, document_errors
 from app.fleet import Fleet
@@ -101,12 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.hearth = state
     errors.install(app)
+    app.add_middleware(Authorize, state=state)  # inside BodyLimit: a body too large is refused first
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(Telemetry, metrics=state.metrics)
     app.add_middleware(DocsPolicy)
 
-    for module in (embeddings, images, jobs, files, models):
-        app.include_router(module.router, dependencies=[Depends(authorize)])
+    for module in (embeddings, images, jobs, files, models):  # /v1/: Authorize checks them
+        app.include_router(module.router)
     app.include_router(health.router)  # probes and metrics need no key
     app.include_router(playground.router)  # a public page; its API calls need the key
     app.include_router(metrics.router)
@@ -115,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_errors(build_document())
+            app.openapi_schema = document_security(document_errors(build_document()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
