@@ -64,6 +64,25 @@ def test_routes_need_a_key_but_probes_and_docs_do_not(keyed_api: str) -> None:
         assert http.get("/docs").status_code == 200
 
 
+def test_a_request_without_its_key_is_refused_before_its_body_is_read(keyed_api: str) -> None:
+    with httpx.Client(base_url=keyed_api) as http:
+        for response in (
+            http.post(
+                "/v1/embeddings", content=b"{not json", headers={"Content-Type": "application/json"}
+            ),
+            http.post("/v1/embeddings", json={"input": 42}),
+            http.get("/v1/no-such-route"),
+        ):
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        malformed = http.post(
+            "/v1/embeddings",
+            content=b"{not json",
+            headers={**bearer(KEYS[0]), "Content-Type": "application/json"},
+        )
+        assert malformed.status_code == 400  # with the key, the body is read and refused
+
+
 def test_the_openai_client_passes_its_key(keyed_api: str) -> None:
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed_api}/v1", api_key="nope", max_retries=0).models.list()

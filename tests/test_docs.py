@@ -63,6 +63,19 @@ def test_the_openapi_document_lists_the_errors_hearth_answers(client: httpx.Clie
     assert "HTTPValidationError" not in document["components"]["schemas"]
 
 
+def test_the_openapi_document_shows_the_api_key_on_the_v1_routes(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    scheme = document["components"]["securitySchemes"]["HTTPBearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            where = f"{method.upper()} {path}"
+            if path.startswith("/v1/"):
+                assert operation.get("security") == [{"HTTPBearer": []}], where
+            else:  # probes, metrics, the playground page: no key
+                assert "security" not in operation, where
+
+
 @pytest.mark.parametrize(
     ("page", "marker"), [("/docs", ".opblock"), ("/redoc", "[data-section-id]")]
 )
