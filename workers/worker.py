@@ -13,6 +13,9 @@ Life cycle:
 
 A job is acknowledged only after its outcome is stored. One batch runs at a
 time, on one inference thread: pipelines are never shared between threads.
+That thread also stores the outcomes of the batches nobody follows step by
+step (embeddings, synchronous image requests), through a connection of its
+own, as soon as they are computed (see ``_run_unfollowed``).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import orjson
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -169,6 +173,14 @@ class Worker:
             settings.redis_url,
             socket_connect_timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s + READ_BLOCK_MS / 1000,
+            health_check_interval=30,
+        )
+        # The inference thread's own connection: it stores the outcomes of the
+        # batches nobody follows step by step (see _run_unfollowed).
+        self.store_redis = SyncRedis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s,
             health_check_interval=30,
         )
         self._progress_writes: set[asyncio.Task[Any]] = set()
@@ -430,8 +442,6 @@ class Worker:
 
     async def _run_batch(self, model_id: str, entries: Entries) -> None:
         """Start, run, store and acknowledge one batch of one model's entries."""
-        stream = self.keys.stream(model_id)
-        entry_ids = [entry_id for entry_id, _ in entries]
         jobs: list[Job] = []
         entry_of: dict[str, bytes] = {}
         for entry_id, fields in entries:
@@ -441,66 +451,11 @@ class Worker:
                 logger.error("worker %s: dropping malformed entry %s: %s", self.name, entry_id, exc)
                 continue
             entry_of[jobs[-1].id] = entry_id
-
-        started = time.time()
-        # A batch nobody follows step by step is computed while its jobs are
-        # being marked running, saving a round trip: it goes to the inference
-        # thread before the marking is even sent. The results of any that must
-        # not run (cancelled meanwhile, expired) are dropped. Embeddings report no
-        # steps; image jobs of synchronous requests have nobody watching their
-        # events. Queued image jobs start only once marked running, so that a
-        # job cancelled while queued never runs and its events come in order.
-        early: asyncio.Future[tuple[list[Outcome], list[int]]] | None = None
+        batch = _Batch(model_id, [entry_id for entry_id, _ in entries], jobs, entry_of, time.time())
         if jobs and self._unfollowed(model_id, jobs):
-            early = self._compute(model_id, jobs)
-        try:
-            runnable, outcomes, attempts, busy = await self._start_jobs(jobs)
-            held_elsewhere = {entry_of[job_id] for job_id in busy}
-        except BaseException:
-            if early is not None:  # the batch stays pending; the thread must be free
-                await asyncio.gather(early, return_exceptions=True)
-            raise
-        for job in runnable:
-            self.metrics.queued_seconds.labels(model_id).observe(max(0.0, started - job.created_at))
-        sizes: list[int] = []
-        if runnable:
-            if early is None:
-                results, sizes = await self._compute(model_id, runnable)
-            else:
-                every, sizes = await early
-                by_id = dict(zip((job.id for job in jobs), every, strict=True))
-                results = [by_id[job.id] for job in runnable]
-            outcomes.update(zip((job.id for job in runnable), results, strict=True))
-            # Progress reports queued during the run land before the outcome does.
-            await asyncio.gather(*self._progress_writes, return_exceptions=True)
-        elif early is not None:
-            await asyncio.gather(early, return_exceptions=True)
-
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        finishes: dict[str, int] = {}  # job id → where its FINISH_SCRIPT reply lands
-        for job in jobs:
-            outcome = outcomes.get(job.id)
-            if outcome is None:
-                continue
-            if outcome.retryable and attempts[job.id] < self.settings.max_attempts:
-                self._retry(pipe, job, outcome)
-                continue
-            if outcome.retryable:
-                outcome = self._give_up(pipe, job, outcome, attempts[job.id])
-            finishes[job.id] = self._store(pipe, job, outcome, started, now)
-            self.metrics.jobs.labels(model_id, outcome.status.value).inc()
-            self.metrics.run_seconds.labels(model_id).observe(now - started)
-        # An entry whose job another live worker is running stays where it is: that
-        # worker acknowledges it, or, should it die, the next one takes it over.
-        done = [entry_id for entry_id in entry_ids if entry_id not in held_elsewhere]
-        if done:
-            pipe.xack(stream, CONSUMER_GROUP, *done)
-            pipe.xdel(stream, *done)
-        for size in sizes:
-            pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
-            self.metrics.batch_size.labels(model_id).observe(size)
-        replies = await pipe.execute()
+            finishes, replies = await self._run_unfollowed(batch)
+        else:
+            finishes, replies = await self._run_followed(batch)
         for job in jobs:
             self.cancelled.pop(job.id, None)
             # Only the finish that ended the job tells its webhook: one that found it
@@ -508,6 +463,115 @@ class Worker:
             # run of another worker) tells nothing.
             if job.webhook and job.id in finishes and replies[finishes[job.id]] == 1:
                 self.webhooks.send(job.id, job.webhook)
+
+    async def _run_unfollowed(self, batch: _Batch) -> tuple[dict[str, int], list[Any]]:
+        """Run a batch nobody follows step by step, storing its outcomes from the
+        inference thread. Returns where each job's FINISH_SCRIPT reply landed, and
+        the replies.
+
+        The batch goes to the inference thread at once, while its jobs are being
+        marked running: the marking's round trip overlaps the compute. The
+        thread waits for the marking's answer only once the compute is done,
+        drops the results of jobs that must not run (cancelled meanwhile,
+        expired), and stores the others straight away, without handing back to
+        the event loop first: on a small machine that hand-off cost a lone
+        client more than the store itself. Embeddings report no steps; image
+        jobs of synchronous requests have nobody watching their events.
+        """
+        loop = asyncio.get_running_loop()
+        starts: Future[_Starts] = Future()
+        hooks = _Hooks(self, loop, batch.jobs)
+        stored = loop.run_in_executor(self._executor, self._compute_and_store, batch, starts, hooks)
+        try:
+            started = await self._start_jobs(batch.jobs)
+        except BaseException as exc:
+            starts.set_exception(exc)  # the thread stores nothing; the batch stays pending
+            await asyncio.gather(stored, return_exceptions=True)
+            raise
+        starts.set_result(started)
+        self._observe_queued(batch, started.runnable)
+        finishes, replies = await stored
+        return finishes, replies
+
+    def _compute_and_store(
+        self, batch: _Batch, starts: Future[_Starts], hooks: BatchHooks
+    ) -> tuple[dict[str, int], list[Any]]:
+        """On the inference thread: run every job of ``batch``, then store the
+        outcomes of those its marking lets run (see ``_run_unfollowed``)."""
+        every, sizes = run_guarded(self.runners[batch.model_id], batch.jobs, hooks)
+        started = starts.result()
+        by_id = dict(zip((job.id for job in batch.jobs), every, strict=True))
+        outcomes = dict(started.ended)
+        outcomes.update((job.id, by_id[job.id]) for job in started.runnable)
+        if not started.runnable:
+            sizes = []  # nothing it computed is kept: no pass to count
+        pipe = self.store_redis.pipeline(transaction=False)
+        finishes = self._queue_store(pipe, batch, outcomes, started, sizes)
+        return finishes, pipe.execute()
+
+    async def _run_followed(self, batch: _Batch) -> tuple[dict[str, int], list[Any]]:
+        """Run a batch whose jobs' steps a client may follow: marked running first,
+        so that a job cancelled while queued never runs and its events come in
+        order; stored from the event loop, after the progress reports."""
+        started = await self._start_jobs(batch.jobs)
+        self._observe_queued(batch, started.runnable)
+        outcomes = dict(started.ended)
+        sizes: list[int] = []
+        if started.runnable:
+            results, sizes = await self._compute(batch.model_id, started.runnable)
+            outcomes.update(zip((job.id for job in started.runnable), results, strict=True))
+            # Progress reports queued during the run land before the outcome does.
+            await asyncio.gather(*self._progress_writes, return_exceptions=True)
+        pipe = self.redis.pipeline(transaction=False)
+        finishes = self._queue_store(pipe, batch, outcomes, started, sizes)
+        return finishes, await pipe.execute()
+
+    def _observe_queued(self, batch: _Batch, runnable: list[Job]) -> None:
+        for job in runnable:
+            self.metrics.queued_seconds.labels(batch.model_id).observe(
+                max(0.0, batch.started - job.created_at)
+            )
+
+    def _queue_store(
+        self,
+        pipe: Any,
+        batch: _Batch,
+        outcomes: dict[str, Outcome],
+        started: _Starts,
+        sizes: list[int],
+    ) -> dict[str, int]:
+        """Queue on ``pipe`` (the event loop's or the inference thread's) every
+        outcome of ``batch``, another attempt for those that may retry, the
+        acknowledgement of its entries and its pass sizes. Returns where each
+        FINISH_SCRIPT reply lands among the pipeline's replies."""
+        now = time.time()
+        model_id = batch.model_id
+        finishes: dict[str, int] = {}
+        for job in batch.jobs:
+            outcome = outcomes.get(job.id)
+            if outcome is None:
+                continue
+            attempts = started.attempts[job.id]
+            if outcome.retryable and attempts < self.settings.max_attempts:
+                self._retry(pipe, job, outcome)
+                continue
+            if outcome.retryable:
+                outcome = self._give_up(pipe, job, outcome, attempts)
+            finishes[job.id] = self._store(pipe, job, outcome, batch.started, now)
+            self.metrics.jobs.labels(model_id, outcome.status.value).inc()
+            self.metrics.run_seconds.labels(model_id).observe(now - batch.started)
+        # An entry whose job another live worker is running stays where it is: that
+        # worker acknowledges it, or, should it die, the next one takes it over.
+        held_elsewhere = {batch.entry_of[job_id] for job_id in started.busy}
+        done = [entry_id for entry_id in batch.entry_ids if entry_id not in held_elsewhere]
+        stream = self.keys.stream(model_id)
+        if done:
+            pipe.xack(stream, CONSUMER_GROUP, *done)
+            pipe.xdel(stream, *done)
+        for size in sizes:
+            pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
+            self.metrics.batch_size.labels(model_id).observe(size)
+        return finishes
 
     def _unfollowed(self, model_id: str, jobs: list[Job]) -> bool:
         """Whether no client follows these jobs' steps (see ``_Hooks``)."""
@@ -580,10 +644,8 @@ class Worker:
             self._executor, run_guarded, self.runners[model_id], jobs, hooks
         )
 
-    async def _start_jobs(
-        self, jobs: list[Job]
-    ) -> tuple[list[Job], dict[str, Outcome], dict[str, int], set[str]]:
-        """Mark jobs running. Returns those to run, outcomes for those that must not
+    async def _start_jobs(self, jobs: list[Job]) -> _Starts:
+        """Mark jobs running: which to run, outcomes for those that must not
         (expired, or over the attempt limit), each started job's attempt number,
         and the ids of the jobs another live worker is running.
 
@@ -630,7 +692,7 @@ class Worker:
                 ended[job.id] = Outcome(JobStatus.FAILED, error=error, retryable=True)
             else:
                 runnable.append(job)
-        return runnable, ended, attempts, busy
+        return _Starts(runnable, ended, attempts, busy)
 
     def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> int:
         """Queue the job's outcome on ``pipe``. Returns where, among the pipeline's
@@ -728,6 +790,28 @@ class Worker:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
         await self.redis.aclose()
+        self.store_redis.close()
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The jobs of one model's entries, read together and run as one batch."""
+
+    model_id: str
+    entry_ids: list[bytes]
+    jobs: list[Job]  # the entries that hold a readable job
+    entry_of: dict[str, bytes]  # job id → its entry
+    started: float  # time.time() when the batch began
+
+
+@dataclass(frozen=True)
+class _Starts:
+    """What marking a batch's jobs running found (see ``Worker._start_jobs``)."""
+
+    runnable: list[Job]
+    ended: dict[str, Outcome]  # job id → the outcome of a job that must not run
+    attempts: dict[str, int]  # job id → its attempt number, for every started job
+    busy: set[str]  # jobs another live worker is running
 
 
 @dataclass
