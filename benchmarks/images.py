@@ -43,13 +43,19 @@ from report import write_section
 
 from hearth.memory import keep_freed_memory
 from hearth.processes import child_options, stop
-from models.components import ComponentCache
-from models.demo import DEMO_MODEL_IDS, build_demo_models
-from models.device import choose_placement
-from models.diffusion import load_text_to_image
-from workers.hooks import NoHooks
-from workers.images import ImageRunner
-from workers.protocol import Job, JobStatus, JobType, Keys
+from models import library_logs
+
+# Before diffusers is imported (models.demo, models.diffusion): its pipeline modules
+# warn as they load, and transformers would print them in a format of its own.
+library_logs.adopt("transformers", "diffusers")
+
+from models.components import ComponentCache  # noqa: E402
+from models.demo import DEMO_MODEL_IDS, build_demo_models  # noqa: E402
+from models.device import choose_placement  # noqa: E402
+from models.diffusion import load_text_to_image  # noqa: E402
+from workers.hooks import NoHooks  # noqa: E402
+from workers.images import ImageRunner  # noqa: E402
+from workers.protocol import Job, JobStatus, JobType, Keys  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Rounds of images, each image made in-process and through Hearth back to back.
