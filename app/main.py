@@ -101,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.hearth = state
     errors.install(app)
-    app.add_middleware(Authorize, state=state)  # inside BodyLimit: a body too large is refused first
+    # Inside BodyLimit: a body over the limit is refused before the key is checked.
+    app.add_middleware(Authorize, state=state)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
     app.add_middleware(Telemetry, metrics=state.metrics)
     app.add_middleware(DocsPolicy)
