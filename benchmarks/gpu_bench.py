@@ -29,7 +29,6 @@ Run: benchmarks/gpu.sh [--quick] [--service]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import importlib
 import io
@@ -51,6 +50,7 @@ from typing import Any
 
 import orjson
 import torch
+import uvloop
 from imagejob import GUIDANCE, image_input
 from PIL import Image
 from sentences import SENTENCES
@@ -451,8 +451,8 @@ def bench_service(bench: Bench, state_dir: Path, size: int, steps: int, quick: b
                 bench.add(skipped("Hearth images", shape, f"c={concurrency}", "time budget"))
                 continue
             total = concurrency * (2 if quick else 4)
-            asyncio.run(closed_loop(stack.url, image_model, size, steps, concurrency, concurrency))
-            rate = asyncio.run(closed_loop(stack.url, image_model, size, steps, total, concurrency))
+            uvloop.run(closed_loop(stack.url, image_model, size, steps, concurrency, concurrency))
+            rate = uvloop.run(closed_loop(stack.url, image_model, size, steps, total, concurrency))
             bench.add(
                 Row(
                     "Hearth images",

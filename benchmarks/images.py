@@ -21,7 +21,6 @@ Run: .venv/bin/python benchmarks/images.py [--requests 24] [--size 64] [--large-
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import subprocess
@@ -34,6 +33,7 @@ from typing import Any
 import orjson
 import psutil
 import torch
+import uvloop
 import wakeup
 from embeddings import NAMESPACE, READY_TIMEOUT_S, STOP_TIMEOUT_S, CpuSample, Stack, command_line
 from imagejob import image_input
@@ -97,7 +97,7 @@ def measure_overhead(
     calls: list[list[Sent]] = []
     for index in range(ROUNDS):
         warmup = WARMUP if index == 0 else ROUND_WARMUP
-        raw_ms, sent = asyncio.run(
+        raw_ms, sent = uvloop.run(
             alternating(
                 stack.url,
                 model,
@@ -140,13 +140,13 @@ def _add(total: dict[int, int], sizes: dict[int, int]) -> None:
 
 def measure_batching(stack: Stack, model: str, size: int, steps: int, requests: int) -> Batching:
     """Images/s at concurrency 1 and ``CONCURRENCY``, alternating ``ROUNDS`` times."""
-    asyncio.run(closed_loop(stack.url, model, size, steps, CONCURRENCY, CONCURRENCY))  # warm
+    uvloop.run(closed_loop(stack.url, model, size, steps, CONCURRENCY, CONCURRENCY))  # warm
     rates: dict[int, list[float]] = {1: [], CONCURRENCY: []}
     sizes: dict[int, dict[int, int]] = {1: {}, CONCURRENCY: {}}
     for index in range(ROUNDS):
         for concurrency in (1, CONCURRENCY):
             stack.clear_batch_sizes(model)
-            rate = asyncio.run(closed_loop(stack.url, model, size, steps, requests, concurrency))
+            rate = uvloop.run(closed_loop(stack.url, model, size, steps, requests, concurrency))
             rates[concurrency].append(rate)
             _add(sizes[concurrency], _counted(stack, model, requests))
         print(

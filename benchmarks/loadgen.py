@@ -1,6 +1,6 @@
 """Closed-loop load generator for an OpenAI-style embeddings endpoint, run in its own process.
 
-``concurrency`` asyncio tasks, each with a keep-alive connection of its own
+``concurrency`` tasks on uvloop, each with a keep-alive connection of its own
 (httpclient.py: little CPU per request, which matters when the client shares
 the machine's cores with the service it measures), send requests back to back
 for ``warmup`` then ``duration`` seconds to ``POST {url}{path}`` (Hearth's
@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import uvloop
 from httpclient import Connection, post_request
 from sentences import SENTENCES
 
@@ -170,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.inputs < 1:
         parser.error("--inputs must be at least 1")
-    summary = asyncio.run(
+    summary = uvloop.run(
         generate(
             args.url,
             args.model,

@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
+import uvloop
 from starlette.types import Receive, Scope, Send
 
 from tests.support import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from httpclient import Connection, post_request
+from httpclient import Connection, Response, post_request
 
 HOST = "127.0.0.1"
+
+
+Run = Callable[[Awaitable[Any]], Any]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Every test on both event loops: the load generators run the client on uvloop,
+    which tells a protocol of its connection later than asyncio does."""
+    runner: Run = uvloop.run if request.param == "uvloop" else asyncio.run  # type: ignore[assignment]
+    return runner
 
 
 class EchoApp:
@@ -49,72 +64,94 @@ class EchoApp:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[EchoApp, int]]:
+def server() -> Iterator[tuple[EchoApp, int]]:
+    """The echo app under uvicorn, on a thread of its own."""
     app = EchoApp()
     port = free_port()
     config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="off")
     served = uvicorn.Server(config)
-    task = asyncio.create_task(served.serve())
+    thread = threading.Thread(target=served.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
     while not served.started:
-        await asyncio.sleep(0.01)
+        assert time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
     yield app, port
     served.should_exit = True
-    await task
+    thread.join(10)
 
 
 def request(port: int, path: str, body: bytes) -> bytes:
     return post_request(HOST, port, path, body)
 
 
-async def test_requests_share_one_kept_alive_connection(server: tuple[EchoApp, int]) -> None:
+def test_requests_share_one_kept_alive_connection(server: tuple[EchoApp, int], run: Run) -> None:
     app, port = server
-    connection = Connection(HOST, port)
-    try:
-        first = await connection.send(request(port, "/echo", b'{"n": 1}'), 5.0)
-        second = await connection.send(request(port, "/echo", b'{"n": 22}'), 5.0)
-    finally:
-        connection.close()
+
+    async def scenario() -> tuple[Response, Response]:
+        connection = Connection(HOST, port)
+        try:
+            first = await connection.send(request(port, "/echo", b'{"n": 1}'), 5.0)
+            return first, await connection.send(request(port, "/echo", b'{"n": 22}'), 5.0)
+        finally:
+            connection.close()
+
+    first, second = run(scenario())
     assert (first.status, first.body) == (200, b'/echo {"n": 1}')
     assert (second.status, second.body) == (200, b'/echo {"n": 22}')
     assert len(app.clients) == 1
 
 
-async def test_a_closed_connection_is_opened_again(server: tuple[EchoApp, int]) -> None:
+def test_a_closed_connection_is_opened_again(server: tuple[EchoApp, int], run: Run) -> None:
     app, port = server
-    connection = Connection(HOST, port)
-    try:
-        closing = await connection.send(request(port, "/close", b"{}"), 5.0)
-        after = await connection.send(request(port, "/echo", b"{}"), 5.0)
-    finally:
-        connection.close()
+
+    async def scenario() -> tuple[Response, Response]:
+        connection = Connection(HOST, port)
+        try:
+            closing = await connection.send(request(port, "/close", b"{}"), 5.0)
+            return closing, await connection.send(request(port, "/echo", b"{}"), 5.0)
+        finally:
+            connection.close()
+
+    closing, after = run(scenario())
     assert closing.body == b"/close {}"
     assert (after.status, after.body) == (200, b"/echo {}")
     assert len(app.clients) == 2
 
 
-async def test_the_status_comes_back_as_sent(server: tuple[EchoApp, int]) -> None:
+def test_the_status_comes_back_as_sent(server: tuple[EchoApp, int], run: Run) -> None:
     _, port = server
-    connection = Connection(HOST, port)
-    try:
-        response = await connection.send(request(port, "/status/429", b"{}"), 5.0)
-    finally:
-        connection.close()
+
+    async def scenario() -> Response:
+        connection = Connection(HOST, port)
+        try:
+            return await connection.send(request(port, "/status/429", b"{}"), 5.0)
+        finally:
+            connection.close()
+
+    response = run(scenario())
     assert (response.status, response.body) == (429, b"/status/429 {}")
 
 
-async def test_a_late_answer_never_answers_the_next_request(server: tuple[EchoApp, int]) -> None:
+def test_a_late_answer_never_answers_the_next_request(
+    server: tuple[EchoApp, int], run: Run
+) -> None:
     _, port = server
-    connection = Connection(HOST, port)
-    try:
-        with pytest.raises(TimeoutError):
-            await connection.send(request(port, "/slow", b"{}"), 0.2)
-        response = await connection.send(request(port, "/echo", b'"next"'), 5.0)
-    finally:
-        connection.close()
+
+    async def scenario() -> Response:
+        connection = Connection(HOST, port)
+        try:
+            with pytest.raises(TimeoutError):
+                await connection.send(request(port, "/slow", b"{}"), 0.2)
+            return await connection.send(request(port, "/echo", b'"next"'), 5.0)
+        finally:
+            connection.close()
+
+    response = run(scenario())
     assert response.body == b'/echo "next"'
 
 
-async def test_a_refused_connection_raises() -> None:
+def test_a_refused_connection_raises(run: Run) -> None:
     connection = Connection(HOST, free_port())
     with pytest.raises(OSError):
-        await connection.send(b"POST / HTTP/1.1\r\n\r\n", 5.0)
+        run(connection.send(b"POST / HTTP/1.1\r\n\r\n", 5.0))
