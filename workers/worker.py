@@ -83,6 +83,7 @@ DEAD_LETTERS_KEPT = 10_000
 RETRY_PAUSE_S = 1.0
 CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
 PENDING_MARGIN = 1000  # other pending entries of this worker a batch's range may hold
+CANCEL_AGAIN_S = 0.5  # how long a cancelled task may take before it is cancelled again
 
 
 def _job_id(entry: tuple[bytes, dict[bytes, bytes]]) -> str | None:
@@ -139,6 +140,21 @@ def run_guarded(
         outcomes += job_outcomes
         sizes += job_sizes
     return outcomes, sizes
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again those
+    that go on: a cancellation landing inside one of redis-py's reads can reach
+    the task as a Redis timeout, which its loop then logs and carries on from
+    (measured: one worker in eight told to stop right after it started never
+    exited, its heartbeat still beating)."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved, so that asyncio does not report it at exit
 
 
 class Worker:
@@ -206,9 +222,7 @@ class Worker:
             try:
                 await self._consume()
             finally:
-                for task in background:
-                    task.cancel()
-                await asyncio.gather(*background, return_exceptions=True)
+                await cancel_and_wait(background)
                 await self.webhooks.drain()
         finally:
             await self._leave()
@@ -436,9 +450,7 @@ class Worker:
                 await self._run_batch(model_id, entries)
                 hold.cancel()
         finally:
-            for hold in holds:
-                hold.cancel()
-            await asyncio.gather(*holds, return_exceptions=True)
+            await cancel_and_wait(holds)
 
     async def _run_batch(self, model_id: str, entries: Entries) -> None:
         """Start, run, store and acknowledge one batch of one model's entries."""
