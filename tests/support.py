@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 HEARTH = [sys.executable, "-m", "hearth"]
+
+T = TypeVar("T")
+
+
+def run_on_own_thread(
+    main: Callable[[], Awaitable[T]], runner: Callable[[Awaitable[T]], T] = asyncio.run
+) -> T:
+    """``runner(main())`` on a thread of its own, so that it never meets an event
+    loop the test session left running in the main thread (the browser tests'
+    Playwright keeps one there)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(lambda: runner(main())).result()
 
 
 def free_port() -> int:

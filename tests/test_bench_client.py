@@ -15,7 +15,7 @@ import uvicorn
 import uvloop
 from starlette.types import Receive, Scope, Send
 
-from tests.support import free_port
+from tests.support import free_port, run_on_own_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from httpclient import Connection, Response, post_request
@@ -31,7 +31,7 @@ def run(request: pytest.FixtureRequest) -> Run:
     """Every test on both event loops: the load generators run the client on uvloop,
     which tells a protocol of its connection later than asyncio does."""
     runner: Run = uvloop.run if request.param == "uvloop" else asyncio.run  # type: ignore[assignment]
-    return runner
+    return lambda awaitable: run_on_own_thread(lambda: awaitable, runner)
 
 
 class EchoApp:
