@@ -85,18 +85,23 @@ def request(port: int, path: str, body: bytes) -> bytes:
     return post_request(HOST, port, path, body)
 
 
-def test_requests_share_one_kept_alive_connection(server: tuple[EchoApp, int], run: Run) -> None:
-    app, port = server
+def send_in_turn(run: Run, port: int, *sent: tuple[str, bytes]) -> list[Response]:
+    """Each (path, body) POSTed in turn over one connection; the responses."""
 
-    async def scenario() -> tuple[Response, Response]:
+    async def scenario() -> list[Response]:
         connection = Connection(HOST, port)
         try:
-            first = await connection.send(request(port, "/echo", b'{"n": 1}'), 5.0)
-            return first, await connection.send(request(port, "/echo", b'{"n": 22}'), 5.0)
+            return [await connection.send(request(port, *each), 5.0) for each in sent]
         finally:
             connection.close()
 
-    first, second = run(scenario())
+    responses: list[Response] = run(scenario())
+    return responses
+
+
+def test_requests_share_one_kept_alive_connection(server: tuple[EchoApp, int], run: Run) -> None:
+    app, port = server
+    first, second = send_in_turn(run, port, ("/echo", b'{"n": 1}'), ("/echo", b'{"n": 22}'))
     assert (first.status, first.body) == (200, b'/echo {"n": 1}')
     assert (second.status, second.body) == (200, b'/echo {"n": 22}')
     assert len(app.clients) == 1
@@ -104,16 +109,7 @@ def test_requests_share_one_kept_alive_connection(server: tuple[EchoApp, int], r
 
 def test_a_closed_connection_is_opened_again(server: tuple[EchoApp, int], run: Run) -> None:
     app, port = server
-
-    async def scenario() -> tuple[Response, Response]:
-        connection = Connection(HOST, port)
-        try:
-            closing = await connection.send(request(port, "/close", b"{}"), 5.0)
-            return closing, await connection.send(request(port, "/echo", b"{}"), 5.0)
-        finally:
-            connection.close()
-
-    closing, after = run(scenario())
+    closing, after = send_in_turn(run, port, ("/close", b"{}"), ("/echo", b"{}"))
     assert closing.body == b"/close {}"
     assert (after.status, after.body) == (200, b"/echo {}")
     assert len(app.clients) == 2
@@ -121,15 +117,7 @@ def test_a_closed_connection_is_opened_again(server: tuple[EchoApp, int], run: R
 
 def test_the_status_comes_back_as_sent(server: tuple[EchoApp, int], run: Run) -> None:
     _, port = server
-
-    async def scenario() -> Response:
-        connection = Connection(HOST, port)
-        try:
-            return await connection.send(request(port, "/status/429", b"{}"), 5.0)
-        finally:
-            connection.close()
-
-    response = run(scenario())
+    (response,) = send_in_turn(run, port, ("/status/429", b"{}"))
     assert (response.status, response.body) == (429, b"/status/429 {}")
 
 
