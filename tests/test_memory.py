@@ -2,8 +2,8 @@
 
 Each case runs in a fresh interpreter, since malloc's settings belong to the
 whole process: the packaged embedding model embeds 64 texts on a thread of its
-own, as on the worker's inference thread, and the page faults of the later
-calls are counted.
+own, as on the worker's inference thread, and the page faults of five later
+calls are counted, one by one: the median call speaks for them.
 """
 
 from __future__ import annotations
@@ -39,16 +39,18 @@ def run():
     texts = [f"sentence {i} {words}" for i in range(64)]
     for _ in range(2):
         model.embed(texts)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model.embed(texts)
-    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 thread = threading.Thread(target=run)
 thread.start()
 thread.join()
-print(json.dumps({"applied": applied, "faults_per_call": faults[0]}))
+# The median call: one that happens to grow the heap or meet another thread's
+# faults does not speak for the rest.
+print(json.dumps({"applied": applied, "faults_per_call": float(sorted(faults)[2])}))
 """
 
 
@@ -72,8 +74,8 @@ def test_freed_memory_is_kept_for_the_next_call() -> None:
     default = faults_per_call("default")
     assert kept["applied"] is True
     # glibc's defaults hand large freed blocks back, so every pass faults its
-    # activations in again (20,000-25,000 pages here); kept, they are reused
-    # (0-1,200 faults per call measured).
+    # activations in again (12,000-25,000 pages here); kept, they are reused
+    # (no fault in the median call; the mean of three calls once came to 1,344).
     assert isinstance(default["faults_per_call"], float) and default["faults_per_call"] > 5000
     assert isinstance(kept["faults_per_call"], float)
     assert kept["faults_per_call"] < default["faults_per_call"] / 10
