@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -25,6 +26,12 @@ import httptools
 class Response:
     status: int
     body: bytes
+
+
+def address(url: str, path: str) -> tuple[str, int, str]:
+    """Host, port and request path of ``path`` under the base ``url``."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80, f"{parts.path.rstrip('/')}{path}"
 
 
 def post_request(host: str, port: int, path: str, body: bytes) -> bytes:

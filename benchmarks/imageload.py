@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import redis
-from httpclient import Connection, post_request
+from httpclient import Connection, address, post_request
 from imagejob import GUIDANCE, PROMPT
 
 TIMEOUT_S = 120.0
@@ -53,9 +52,7 @@ class _Client:
     """One keep-alive connection to Hearth at ``url``."""
 
     def __init__(self, url: str) -> None:
-        address = urlsplit(url)
-        self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
-        self.path = f"{address.path.rstrip('/')}{PATH}"
+        self.host, self.port, self.path = address(url, PATH)
         self.connection = Connection(self.host, self.port)
 
     async def post(self, body: dict[str, Any]) -> Sent:

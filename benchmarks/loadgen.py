@@ -34,11 +34,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import uvloop
-from httpclient import Connection, post_request
+from httpclient import Connection, address, post_request
 from sentences import SENTENCES
 
 
@@ -131,9 +130,7 @@ async def generate(
 ) -> dict[str, Any]:
     """Run the closed loop against ``url`` + ``path`` and return its summary."""
     records: list[Record] = []
-    address = urlsplit(url)
-    host, port = address.hostname or "127.0.0.1", address.port or 80
-    endpoint = f"{address.path.rstrip('/')}{path}"
+    host, port, endpoint = address(url, path)
     prepared = [post_request(host, port, endpoint, body) for body in request_bodies(model, inputs)]
     requests = itertools.cycle(prepared)  # shared by every task
     cpu_started = time.process_time()

@@ -502,8 +502,7 @@ class Worker:
             raise
         starts.set_result(started)
         self._observe_queued(batch, started.runnable)
-        finishes, replies = await stored
-        return finishes, replies
+        return await stored
 
     def _compute_and_store(
         self, batch: _Batch, starts: Future[_Starts], hooks: BatchHooks
