@@ -221,7 +221,20 @@ def _allowed(request: Request) -> dict[str, str]:
     return {"Allow": ", ".join(allowed)}
 
 
-async def _handle(request: Request, exc: Exception) -> JSONResponse:
+# What the application answers in its envelope, as the client's fault or the
+# queue's; anything else is answered 500 by the outermost handler, then re-raised.
+HANDLED = (
+    HearthError,
+    RequestValidationError,
+    HTTPException,
+    UnknownModelError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+async def handle(request: Request, exc: Exception) -> JSONResponse:
+    """The answer to ``exc``, raised while handling ``request``."""
     error = translate(exc)
     if isinstance(error, MethodNotAllowed):
         error.headers = _allowed(request)
@@ -229,13 +242,5 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
-    for kind in (
-        HearthError,
-        RequestValidationError,
-        HTTPException,
-        UnknownModelError,
-        RedisConnectionError,
-        RedisTimeoutError,
-        Exception,
-    ):
-        app.add_exception_handler(kind, _handle)
+    for kind in (*HANDLED, Exception):
+        app.add_exception_handler(kind, handle)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry  # the asyncio one: redis.retry's never awaits a retry
 from redis.backoff import ExponentialBackoff
@@ -20,6 +21,8 @@ from app.docs import DocsPolicy, document_errors
 from app.fleet import Fleet
 from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
+from app.schemas import EmbeddingRequest, ImageGenerationRequest
+from app.shortcut import Prepare, Shortcut, short_routes
 from app.state import AppState
 from app.telemetry import Metrics, Telemetry
 from hearth.memory import freeze_startup_objects
@@ -101,17 +104,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.hearth = state
     errors.install(app)
-    # Inside BodyLimit: a body over the limit is refused before the key is checked.
-    app.add_middleware(Authorize, state=state)
-    app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
-    app.add_middleware(Telemetry, metrics=state.metrics)
-    app.add_middleware(DocsPolicy)
-
     for module in (embeddings, images, jobs, files, models):  # /v1/: Authorize checks them
         app.include_router(module.router)
     app.include_router(health.router)  # probes and metrics need no key
     app.include_router(playground.router)  # a public page; its API calls need the key
     app.include_router(metrics.router)
+
+    # Innermost: a request takes the shortcut once its key and size are checked.
+    shortcuts: dict[str, tuple[type[BaseModel], Prepare]] = {
+        "/v1/embeddings": (EmbeddingRequest, embeddings.prepare),
+        "/v1/images/generations": (ImageGenerationRequest, images.prepare),
+    }
+    routers = [embeddings.router, images.router]
+    app.add_middleware(Shortcut, state=state, routes=short_routes(routers, shortcuts))
+    # Inside BodyLimit: a body over the limit is refused before the key is checked.
+    app.add_middleware(Authorize, state=state)
+    app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)
+    app.add_middleware(Telemetry, metrics=state.metrics)
+    app.add_middleware(DocsPolicy)
 
     build_document = app.openapi
 

@@ -1,0 +1,131 @@
+"""The short way through the application for the requests that do the work.
+
+`POST /v1/embeddings` and `POST /v1/images/generations` carry most of a
+deployment's traffic, and on a small machine the framework's own work for
+such a request (routing, per-request dependency resolution, body handling,
+the layers around them) costs the API about as much as everything it does
+itself. ``Shortcut`` takes a request to one of them from the middleware
+straight to its route's own ``prepare`` and ``respond``: the body parsed as
+the route parses it (``json.loads``) and validated by the same model, the
+same answer, the errors turned into the same envelopes.
+
+Only a request the route would accept takes it. Anything else goes the full
+way, the body it read handed on as it came: a body that does not parse or
+validate, another content type, a path or method of another route. So every
+refusal of a malformed request is still the one the route documents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import errors
+from app.state import AppState
+from app.submit import respond
+from workers.protocol import Job
+
+# A route's own preparation of a validated body: (body, state, deadline_s, reply_to) → Job.
+Prepare = Callable[..., Job]
+
+
+@dataclass(frozen=True)
+class Short:
+    """A route the shortcut may take: its body's model and its preparation."""
+
+    route: APIRoute  # the full route, named on the request as the router names it
+    body: type[BaseModel]
+    prepare: Prepare
+
+
+def _json_content(scope: Scope) -> bool:
+    """Whether the request says its body is JSON, as the route tells (``application/json``,
+    ``application/*+json``, with or without parameters)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            media: bytes = value.split(b";", 1)[0].strip().lower()
+            kind, _, subtype = media.partition(b"/")
+            return kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json"))
+    return False
+
+
+class Shortcut:
+    """ASGI middleware, the innermost: see the module's docstring."""
+
+    def __init__(self, app: ASGIApp, state: AppState, routes: dict[str, Short]) -> None:
+        self.app = app
+        self.state = state
+        self.routes = routes  # by path; POST only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        short = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if short is None or scope["method"] != "POST" or not _json_content(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body was in: nobody to answer
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        parameters = _validated(short.body, body)
+        if parameters is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        scope["route"] = short.route
+        request = Request(scope, receive)
+        try:
+            prepare = partial(short.prepare, parameters, self.state)
+            response = await respond(self.state, request, parameters, prepare)
+        except errors.HANDLED as exc:  # as the application's handlers answer them
+            response = await errors.handle(request, exc)
+        await response(scope, receive, send)
+
+
+def _validated(model: type[BaseModel], body: bytes) -> BaseModel | None:
+    """``body`` as the route would take it, or None where the route would refuse it."""
+    try:
+        return model.model_validate(json.loads(body))
+    # json's decode errors are ValueErrors, as pydantic's ValidationError is; a body
+    # nested deeper than the parser goes raises RecursionError.
+    except (ValueError, RecursionError):
+        return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` first, whole, then whatever comes next."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def short_routes(
+    routers: list[APIRouter], shortcuts: dict[str, tuple[type[BaseModel], Prepare]]
+) -> dict[str, Short]:
+    """The shortcuts to the POST routes of ``routers`` at ``shortcuts``' paths:
+    path → (body model, prepare)."""
+    posts = {
+        route.path: route
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+    }
+    return {path: Short(posts[path], body, prepare) for path, (body, prepare) in shortcuts.items()}
