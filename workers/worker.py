@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -75,7 +76,7 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # stream entries as XREADGROUP
 READ_BLOCK_MS = 1000
 IMAGE_BATCH_LINGER_S = 0.005
 EMBEDDING_BATCH_WAITS = 2  # an embedding batch under load waits at most this many times the wait
-GATHER_POLL_S = 0.002  # how often a batch waiting for more jobs looks for them
+GATHER_POLL_S = 0.002  # how often a batch waiting on several streams looks for more jobs
 # HEARTH_EMBEDDING_BATCH_WAIT_MS when unset, by device type. A GPU computes a
 # batch in a few milliseconds: any wait there would cost more than it saves.
 DEFAULT_EMBEDDING_BATCH_WAIT_MS = {"cpu": 10.0, "cuda": 0.0}
@@ -337,8 +338,15 @@ class Worker:
             if (linger := self._linger(stream, len(entries), now)) is not None
         }
         while lingering:
-            await asyncio.sleep(GATHER_POLL_S)
-            more = await self._take(list(lingering), held=taken)
+            if len(lingering) == 1:
+                # One stream (the usual case): a read that waits for its next job,
+                # and returns as soon as it is there.
+                ((stream, linger),) = lingering.items()
+                wait_ms = max(1, math.ceil(linger.left(now) * 1000))
+                more = await self._take([stream], block_ms=wait_ms, held=taken)
+            else:
+                await asyncio.sleep(GATHER_POLL_S)
+                more = await self._take(list(lingering), held=taken)
             now = time.monotonic()
             for stream, entries in more.items():
                 taken[stream] += entries
@@ -383,7 +391,11 @@ class Worker:
         ``start`` ">" takes new entries, "0" this consumer's own pending ones.
         """
         if block_ms is not None:
-            count = 1 if len(streams) > 1 else self._batch_limit(self._streams[streams[0]])
+            if len(streams) > 1:
+                count = 1
+            else:
+                limit = self._batch_limit(self._streams[streams[0]])
+                count = max(limit - len((held or {}).get(streams[0], [])), 1)
             reply = await self.redis.xreadgroup(
                 CONSUMER_GROUP,
                 self.name,
@@ -836,7 +848,11 @@ class _Linger:
     deadline: float
 
     def over(self, held: int, now: float) -> bool:
-        return held >= self.target or now - self.heard >= self.quiet_s or now >= self.deadline
+        return held >= self.target or self.left(now) <= 0
+
+    def left(self, now: float) -> float:
+        """Seconds until the wait ends unless another job joins."""
+        return min(self.heard + self.quiet_s, self.deadline) - now
 
 
 class _Hooks:
