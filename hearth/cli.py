@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -135,11 +134,11 @@ def worker(
     # Before diffusers is imported: its pipeline modules warn as they load.
     images = any(spec.kind is ModelKind.IMAGE for spec in specs)
     library_logs.adopt("transformers", *(["diffusers"] if images else []))
+    import uvloop
+
     from workers.worker import Worker
 
-    # The standard event loop: under uvloop, a worker told to stop right after
-    # it started now and then never finished its shutdown.
-    asyncio.run(Worker(settings, specs, settings.device).run())
+    uvloop.run(Worker(settings, specs, settings.device).run())
 
 
 @models_app.command("demo")
