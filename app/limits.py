@@ -50,14 +50,18 @@ class BodyLimit:
             if size > self.max_bytes:
                 await response_for(self._too_large())(scope, receive, send)
                 return
-        body = b"".join(chunks)
-        replayed = False
+        await self.app(scope, replay(b"".join(chunks), receive), send)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` first, whole, then whatever comes next."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
