@@ -150,6 +150,12 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=3.0, gt=0, description="Connect and command timeout towards Redis."
     )
+    follow_outage_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a job's event stream waits for an unreachable Redis to come back "
+        "before it ends with an error event.",
+    )
     redis_max_connections: int = Field(
         default=128,
         ge=2,

@@ -423,3 +423,20 @@ def test_a_job_past_its_deadline_is_skipped_as_expired(site: Site) -> None:
     assert job["status"] == "expired"
     assert job["error"]["type"] == "timeout"
     assert job["result"] is None
+
+
+def test_a_follower_ends_with_an_error_once_redis_stays_away(site: Site) -> None:
+    site.env.update(HEARTH_REDIS_TIMEOUT_S="1", HEARTH_FOLLOW_OUTAGE_S="2")
+    _api, url = site.api()
+    job_id = submit(url, {"model": "demo-dit", "prompt": "never run"})  # no worker: queued
+    with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        following = pool.submit(events, http, job_id)
+        time.sleep(1.0)  # subscribed, and told the job is queued
+        site.server.stop()
+        # A whole body, well before the default 30 s: the setting's 2 s were waited out.
+        received = following.result(timeout=15)
+    names = [name for name, _ in received]
+    assert names == ["queued", "error"]
+    error = received[-1][1]["error"]
+    assert error["code"] == "queue_unavailable"
+    assert error["type"] == "service_unavailable"

@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 EVENT_POLL_S = 5.0  # how often a quiet event stream rereads the job, in case an event was missed
 DEADLINE_SLACK_S = 0.05  # a queued job is reread this long past its deadline, when it has passed
 FOLLOW_RETRY_S = 0.5  # a follower's pause between attempts to reach Redis again
-FOLLOW_OUTAGE_S = 30.0  # past this long unreachable, Redis ends a job's event stream with an error
 
 
 @router.post(
@@ -145,8 +144,8 @@ async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterat
     all a client would see of an exception here.
 
     While Redis is unreachable the follower tries again, for up to
-    ``FOLLOW_OUTAGE_S``: once back, it subscribes anew and rereads the record, so
-    the final event still comes, and only once. A record gone for good, a longer
+    ``HEARTH_FOLLOW_OUTAGE_S``: once back, it subscribes anew and rereads the
+    record, so the final event still comes, and only once. A record gone for good, a longer
     outage, or anything unforeseen ends the stream with an ``error`` event
     carrying the error's envelope.
     """
@@ -195,7 +194,7 @@ async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterat
                     exc,
                     extra={"job_id": job_id},
                 )
-            elif now - outage >= FOLLOW_OUTAGE_S:
+            elif now - outage >= state.settings.follow_outage_s:
                 yield _error(translate(exc))
                 return
         except Exception as exc:  # NotFound: the record is gone; translate logs the unforeseen
