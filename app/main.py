@@ -8,7 +8,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry  # the asyncio one: redis.retry's never awaits a retry
 from redis.backoff import ExponentialBackoff
@@ -21,8 +20,7 @@ from app.docs import DocsPolicy, document_errors
 from app.fleet import Fleet
 from app.limits import BodyLimit
 from app.routes import embeddings, files, health, images, jobs, metrics, models, playground
-from app.schemas import EmbeddingRequest, ImageGenerationRequest
-from app.shortcut import Prepare, Shortcut, short_routes
+from app.shortcut import Shortcut, work_routes
 from app.state import AppState
 from app.telemetry import Metrics, Telemetry
 from hearth.memory import freeze_startup_objects
@@ -111,12 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
 
     # Innermost: a request takes the shortcut once its key and size are checked.
-    shortcuts: dict[str, tuple[type[BaseModel], Prepare]] = {
-        "/v1/embeddings": (EmbeddingRequest, embeddings.prepare),
-        "/v1/images/generations": (ImageGenerationRequest, images.prepare),
-    }
-    routers = [embeddings.router, images.router]
-    app.add_middleware(Shortcut, state=state, routes=short_routes(routers, shortcuts))
+    app.add_middleware(Shortcut, state=state, routes=work_routes())
     # Inside BodyLimit: a body over the limit is refused before the key is checked.
     app.add_middleware(Authorize, state=state)
     app.add_middleware(BodyLimit, max_bytes=state.settings.max_body_bytes)

@@ -31,6 +31,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import errors
 from app.limits import replay
+from app.routes import embeddings, images
+from app.schemas import EmbeddingRequest, ImageGenerationRequest
 from app.state import AppState
 from app.submit import respond
 from workers.protocol import Job
@@ -105,15 +107,24 @@ def _validated(model: type[BaseModel], body: bytes) -> BaseModel | None:
         return None
 
 
-def short_routes(
-    routers: list[APIRouter], shortcuts: dict[str, tuple[type[BaseModel], Prepare]]
-) -> dict[str, Short]:
-    """The shortcuts to the POST routes of ``routers`` at ``shortcuts``' paths:
-    path → (body model, prepare)."""
-    posts = {
-        route.path: route
-        for router in routers
+def _post_route(router: APIRouter, path: str) -> APIRoute:
+    """The POST route of ``router`` at ``path``."""
+    return next(
+        route
         for route in router.routes
-        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+        if isinstance(route, APIRoute) and route.path == path and "POST" in (route.methods or ())
+    )
+
+
+def work_routes() -> dict[str, Short]:
+    """The routes that take the shortcut, by path: the two that do the work."""
+    return {
+        "/v1/embeddings": Short(
+            _post_route(embeddings.router, "/v1/embeddings"), EmbeddingRequest, embeddings.prepare
+        ),
+        "/v1/images/generations": Short(
+            _post_route(images.router, "/v1/images/generations"),
+            ImageGenerationRequest,
+            images.prepare,
+        ),
     }
-    return {path: Short(posts[path], body, prepare) for path, (body, prepare) in shortcuts.items()}

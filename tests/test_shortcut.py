@@ -17,9 +17,7 @@ from redis import Redis
 from starlette.types import Message, Receive, Scope, Send
 
 from app.main import build_state
-from app.routes import embeddings, images
-from app.schemas import EmbeddingRequest, ImageGenerationRequest
-from app.shortcut import Shortcut, short_routes
+from app.shortcut import Shortcut, work_routes
 from hearth.settings import Settings
 from tests.support import run_on_own_thread
 from workers.protocol import Keys
@@ -58,17 +56,7 @@ def call(
     """One request through the shortcut (the body in pieces of ``chunk`` bytes, if
     given); its status, headers and body."""
     state = build_state(settings)
-    shortcut = Shortcut(
-        full_way,
-        state=state,
-        routes=short_routes(
-            [embeddings.router, images.router],
-            {
-                "/v1/embeddings": (EmbeddingRequest, embeddings.prepare),
-                "/v1/images/generations": (ImageGenerationRequest, images.prepare),
-            },
-        ),
-    )
+    shortcut = Shortcut(full_way, state=state, routes=work_routes())
     if headers is None:
         headers = [(b"content-type", b"application/json"), (b"prefer", b"respond-async")]
     pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]

@@ -390,25 +390,24 @@ class Worker:
         one read waits that long for the first entry in any of the streams.
         ``start`` ">" takes new entries, "0" this consumer's own pending ones.
         """
+        held = held or {}
+
+        def room(stream: str) -> int:  # what its batch may still take, at least one
+            return max(self._batch_limit(self._streams[stream]) - len(held.get(stream, [])), 1)
+
         if block_ms is not None:
-            if len(streams) > 1:
-                count = 1
-            else:
-                limit = self._batch_limit(self._streams[streams[0]])
-                count = max(limit - len((held or {}).get(streams[0], [])), 1)
             reply = await self.redis.xreadgroup(
                 CONSUMER_GROUP,
                 self.name,
                 dict.fromkeys(streams, start),
-                count=count,
+                count=1 if len(streams) > 1 else room(streams[0]),
                 block=block_ms,
             )
             replies = [reply]
         else:
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
-                count = self._batch_limit(self._streams[stream]) - len((held or {}).get(stream, []))
-                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: start}, count=max(count, 1))
+                pipe.xreadgroup(CONSUMER_GROUP, self.name, {stream: start}, count=room(stream))
             replies = await pipe.execute()
         taken: dict[str, Entries] = {}
         for reply in replies:

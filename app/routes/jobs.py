@@ -145,9 +145,9 @@ async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterat
 
     While Redis is unreachable the follower tries again, for up to
     ``HEARTH_FOLLOW_OUTAGE_S``: once back, it subscribes anew and rereads the
-    record, so the final event still comes, and only once. A record gone for good, a longer
-    outage, or anything unforeseen ends the stream with an ``error`` event
-    carrying the error's envelope.
+    record, so the final event still comes, and only once. A record gone for
+    good, a longer outage, or anything unforeseen ends the stream with an
+    ``error`` event carrying the error's envelope.
     """
     sent: str | None = None  # the state event sent last: a reconnect does not repeat it
     outage: float | None = None  # when Redis was found unreachable, while it still is
