@@ -13,8 +13,8 @@ allocates from the one main heap (a thread's own heaps are at most 64 MiB and
 are handed back whole once empty), blocks up to 32 MiB come from that heap,
 and up to 1 GiB of free memory stays with the process for the next call. The
 worker's resident memory then stays near the peak of its largest call, which
-a worker has to be given anyway. It must run before the inference thread
-first allocates. Elsewhere than on glibc it does nothing.
+a worker has to be given anyway. It must run before the worker's models
+first allocate. Elsewhere than on glibc it does nothing.
 
 Startup objects (the API and the worker). Starting leaves hundreds of
 thousands of objects that live as long as the process: FastAPI's routes and
@@ -34,7 +34,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
-ARENAS = 1  # the worker has one inference thread; its event loop allocates little
+ARENAS = 1  # a worker runs its models on one thread; the others allocate little
 MMAP_THRESHOLD = 32 * 2**20  # the most glibc allows: half of a thread arena's heap
 TRIM_THRESHOLD = 2**30
 

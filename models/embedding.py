@@ -25,6 +25,7 @@ from models.st_config import (
     UnsupportedModelError,
     read_embedding_config,
 )
+from models.stepwise import Steps, complete
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ class EmbeddingModel:
 
     def embed(self, texts: list[str]) -> Embeddings:
         """Embed ``texts``; rows come back in the order given."""
+        return complete(self.passes(texts))
+
+    def passes(self, texts: list[str]) -> Steps[Embeddings]:
+        """Embed ``texts`` as ``embed`` does, yielding after each forward pass."""
         token_ids = self.tokenize(texts)
         order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
@@ -107,6 +112,7 @@ class EmbeddingModel:
         for chunk in self._chunks(order, token_ids):
             vectors[chunk] = self._forward([token_ids[i] for i in chunk])
             batch_sizes.append(len(chunk))
+            yield
         return Embeddings(vectors, [len(ids) for ids in token_ids], batch_sizes)
 
     def _chunks(self, order: list[int], token_ids: list[list[int]]) -> list[list[int]]:

@@ -63,6 +63,26 @@ def test_a_small_token_budget_splits_passes_without_changing_results(
     assert cosines(split.vectors, whole.vectors).min() >= 0.99999
 
 
+def test_passes_pause_after_each_forward_pass_and_end_with_what_embed_gives(
+    packaged_model_path: Path,
+) -> None:
+    small = EmbeddingModel(packaged_model_path, choose_placement("cpu"), max_batch_tokens=300)
+    steps = small.passes(TEXTS)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            stepped = done.value
+            break
+        pauses += 1
+    whole = small.embed(TEXTS)
+    assert pauses == len(whole.batch_sizes) > 1
+    assert stepped.batch_sizes == whole.batch_sizes
+    assert stepped.token_counts == whole.token_counts
+    np.testing.assert_array_equal(stepped.vectors, whole.vectors)
+
+
 @pytest.mark.parametrize("mode", ["cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"])
 def test_each_pooling_mode_matches(mode: str, tmp_path: Path, packaged_model_path: Path) -> None:
     folder = with_pooling(packaged_model_path, tmp_path / mode, mode, normalize=False)

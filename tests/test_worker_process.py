@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import redis
@@ -17,9 +20,11 @@ from redis.asyncio import Redis
 
 from app.dispatcher import Dispatcher
 from hearth.threads import openmp_environment
+from models.device import choose_placement
+from models.embedding import EmbeddingModel
 from models.registry import NOOP_ID, PACKAGED_EMBEDDING_ID, ModelKind, Registry
 from tests.support import Process, hearth_env
-from workers.protocol import Job, JobType, Keys
+from workers.protocol import CONSUMER_GROUP, Job, JobType, Keys
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +184,120 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
     assert second["started_at"] == third["started_at"]  # one batch, which waited for more
     assert third["started_at"] - third_created >= wait_s * 0.9
     assert lone["started_at"] - lone_created < wait_s / 2
+
+
+def _long_batch(texts: int) -> dict[str, Any]:
+    """An embeddings job input of ``texts`` short sentences, all different."""
+    sentences = [f"Sentence {i} of a long batch, about the weather in town." for i in range(texts)]
+    return {"input": sentences, "encoding_format": "float", "dimensions": None}
+
+
+# With passes of at most 64 padded tokens, 300 of these sentences make 75
+# passes: the batch lasts many heartbeats on any CPU.
+LONG_BATCH_ENV = {"HEARTH_MAX_BATCH_TOKENS": "64", "HEARTH_TORCH_THREADS": "1"}
+
+
+def test_an_embedding_worker_beats_through_a_long_batch_and_embeds_it_right(
+    redis_url: str, namespace: str, tmp_path: Path, packaged_model_path: Path
+) -> None:
+    # A worker without image pipelines runs its model on its event loop's thread,
+    # pausing after each pass: its heartbeat must go on while the batch runs.
+    heartbeat_s = 0.05
+    keys = Keys(namespace)
+    body = _long_batch(300)
+    worker = start_worker(
+        redis_url,
+        namespace,
+        tmp_path,
+        PACKAGED_EMBEDDING_ID,
+        HEARTH_HEARTBEAT_S=str(heartbeat_s),
+        HEARTH_WORKER_TTL_S="1",
+        **LONG_BATCH_ENV,
+    )
+
+    async def go() -> tuple[dict[str, Any], list[float]]:
+        client = Redis.from_url(redis_url)
+        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
+        await dispatcher.start()
+        beats: set[float] = set()
+        try:
+            job = Job(
+                type=JobType.EMBEDDINGS,
+                model=PACKAGED_EMBEDDING_ID,
+                input=body,
+                deadline=time.time() + 120,
+                reply_to=dispatcher.channel,
+            )
+            reply = asyncio.create_task(dispatcher.run(job))
+            while not reply.done():
+                for beat in await client.hvals(keys.workers()):
+                    beats.add(orjson.loads(beat)["heartbeat_at"])
+                await asyncio.sleep(heartbeat_s / 5)
+            return reply.result(), sorted(beats)
+        finally:
+            await dispatcher.stop()
+            await client.aclose()
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            reply, beats = thread.submit(asyncio.run, go()).result()
+    finally:
+        assert worker.stop() == 0
+    assert reply["status"] == "succeeded"
+    started, finished = reply["started_at"], reply["finished_at"]
+    assert finished - started > 10 * heartbeat_s, "the batch is too short to tell"
+    during = [started, *(beat for beat in beats if started < beat < finished), finished]
+    longest_gap = max(later - earlier for earlier, later in itertools.pairwise(during))
+    assert longest_gap < 5 * heartbeat_s, (longest_gap, finished - started)
+    got = np.array([row["embedding"] for row in orjson.loads(reply["result"])["data"]])
+    expected = EmbeddingModel(packaged_model_path, choose_placement("cpu")).embed(body["input"])
+    np.testing.assert_allclose(got, expected.vectors, atol=1e-5)
+
+
+def test_sigterm_lets_an_embedding_worker_finish_the_batch_it_runs(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    worker = start_worker(redis_url, namespace, tmp_path, PACKAGED_EMBEDDING_ID, **LONG_BATCH_ENV)
+
+    async def go() -> dict[str, Any]:
+        client = Redis.from_url(redis_url)
+        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
+        await dispatcher.start()
+        try:
+            job = Job(
+                type=JobType.EMBEDDINGS,
+                model=PACKAGED_EMBEDDING_ID,
+                input=_long_batch(300),
+                deadline=time.time() + 120,
+                reply_to=dispatcher.channel,
+            )
+            reply = asyncio.create_task(dispatcher.run(job))
+            deadline = time.monotonic() + 30
+            while await client.hget(keys.job(job.id), "status") != b"running":
+                assert time.monotonic() < deadline, "the job never started"
+                await asyncio.sleep(0.01)
+            worker.popen.send_signal(signal.SIGTERM)
+            return await reply
+        finally:
+            await dispatcher.stop()
+            await client.aclose()
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            reply = thread.submit(asyncio.run, go()).result()
+        assert worker.popen.wait(60) == 0
+    finally:
+        worker.stop()
+    assert reply["status"] == "succeeded"
+    assert len(orjson.loads(reply["result"])["data"]) == 300
+    check = redis.Redis.from_url(redis_url)
+    try:
+        pending = check.xpending(keys.stream(PACKAGED_EMBEDDING_ID), CONSUMER_GROUP)
+        assert pending["pending"] == 0
+        assert not check.hkeys(keys.workers())
+    finally:
+        check.close()
 
 
 def _thread_cpus(pid: int) -> list[set[int]]:

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from models.embedding import EmbeddingModel, reduce_dimensions
+from models.stepwise import Steps, complete
 from workers.hooks import BatchHooks
 from workers.protocol import Job, JobStatus, Outcome
 
@@ -31,8 +32,12 @@ class EmbeddingRunner:
 
     def run(self, jobs: list[Job], hooks: BatchHooks) -> tuple[list[Outcome], list[int]]:
         """Outcomes in the order of ``jobs``, and the forward-pass sizes used."""
+        return complete(self.passes(jobs, hooks))
+
+    def passes(self, jobs: list[Job], hooks: BatchHooks) -> Steps[tuple[list[Outcome], list[int]]]:
+        """``run``, yielding after each forward pass."""
         texts = [text for job in jobs for text in job.input["input"]]
-        embedded = self.model.embed(texts)
+        embedded = yield from self.model.passes(texts)
         outcomes: list[Outcome] = []
         start = 0
         for job in jobs:

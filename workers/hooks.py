@@ -1,4 +1,4 @@
-"""What a runner may ask of the worker while a batch runs on the inference thread."""
+"""What a runner may ask of the worker while a batch runs."""
 
 from __future__ import annotations
 

@@ -5,17 +5,20 @@ Life cycle:
    sure each model's stream has the consumer group.
 2. loop: read the next batch (up to ``HEARTH_MAX_BATCH_JOBS`` embedding jobs
    or ``HEARTH_MAX_BATCH_IMAGES`` image jobs of one model), start its jobs
-   (skipping cancelled and expired ones), run them as one batch on the
-   inference thread, store each outcome, acknowledge.
+   (skipping cancelled and expired ones), run them as one batch, store each
+   outcome, acknowledge.
 3. heartbeat: every ``HEARTH_HEARTBEAT_S`` the worker tells Redis which models
    it holds; the API uses that for readiness and routing.
 4. on SIGTERM or SIGINT it stops reading, finishes the batch it holds, exits.
 
 A job is acknowledged only after its outcome is stored. One batch runs at a
-time, on one inference thread: pipelines are never shared between threads.
-That thread also stores the outcomes of the batches nobody follows step by
-step (embeddings, synchronous image requests), through a connection of its
-own, as soon as they are computed (see ``_run_unfollowed``).
+time, and every model call of a worker runs on one thread: the inference
+thread of a worker that holds an image pipeline, the event loop's own thread
+in a worker that holds none (see ``_run_on_loop``). Models are never shared
+between threads. The outcomes of the batches nobody follows step by step
+(embeddings, synchronous image requests) are stored by the thread that
+computed them, through a connection of their own, as soon as they are
+computed (see ``_run_unfollowed``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import orjson
 from redis import Redis as SyncRedis
@@ -46,6 +49,7 @@ from hearth.settings import Settings
 from models.components import ComponentCache
 from models.device import Placement, choose_placement
 from models.registry import ModelKind, ModelSpec
+from models.stepwise import Steps, complete
 from workers.hooks import BatchHooks
 from workers.metrics import WorkerMetrics
 from workers.protocol import (
@@ -96,8 +100,18 @@ def _job_id(entry: tuple[bytes, dict[bytes, bytes]]) -> str | None:
     return job_id if isinstance(job_id, str) else None
 
 
+Ran = tuple[list[Outcome], list[int]]  # outcomes in the order of the jobs, pass sizes
+
+
 class Runner(Protocol):
-    def run(self, jobs: list[Job], hooks: BatchHooks) -> tuple[list[Outcome], list[int]]: ...
+    def run(self, jobs: list[Job], hooks: BatchHooks) -> Ran: ...
+
+
+@runtime_checkable
+class PassRunner(Runner, Protocol):
+    """A runner whose batch is a series of model passes it can pause between."""
+
+    def passes(self, jobs: list[Job], hooks: BatchHooks) -> Steps[Ran]: ...
 
 
 def load_runner(
@@ -120,12 +134,13 @@ def load_runner(
     return ImageRunner(spec.id, pipe, settings.max_batch_images)
 
 
-def run_guarded(
-    runner: Runner, jobs: list[Job], hooks: BatchHooks
-) -> tuple[list[Outcome], list[int]]:
-    """Run a batch; if it raises, run its jobs one by one so only the job at
-    fault fails and the others still get their result."""
+def run_guarded(runner: Runner, jobs: list[Job], hooks: BatchHooks) -> Steps[Ran]:
+    """Run a batch, pausing between its passes where the runner has them; if it
+    raises, run its jobs one by one so only the job at fault fails and the
+    others still get their result."""
     try:
+        if isinstance(runner, PassRunner):
+            return (yield from runner.passes(jobs, hooks))
         return runner.run(jobs, hooks)
     except Exception as exc:
         if len(jobs) == 1:
@@ -137,7 +152,7 @@ def run_guarded(
     outcomes: list[Outcome] = []
     sizes: list[int] = []
     for job in jobs:
-        job_outcomes, job_sizes = run_guarded(runner, [job], hooks)
+        job_outcomes, job_sizes = yield from run_guarded(runner, [job], hooks)
         outcomes += job_outcomes
         sizes += job_sizes
     return outcomes, sizes
@@ -179,11 +194,16 @@ class Worker:
         self.cancelled: dict[str, float] = {}  # job id → when its cancellation was heard
         self._streams = {self.keys.stream(model_id): model_id for model_id in self.specs}
         self._stopping = asyncio.Event()
-        # Every torch call runs on this one thread, loading included. libgomp keeps a
+        # Every torch call runs on one thread, loading included. libgomp keeps a
         # team of threads for each thread that starts parallel work; with a second
         # team there are more OpenMP threads than cores on a small machine, and they
         # stop spinning between operations: measured on 2 cores, a 64x64 matmul took
-        # 47 µs instead of 9 and a demo-dit image 86 ms instead of 38.
+        # 47 µs instead of 9, a demo-dit image 86 ms instead of 38, and embedding
+        # batches that went to either thread lost a fifth of their throughput.
+        # Image pipelines run on the inference thread, so that the event loop
+        # hears cancellations and reports steps during their long calls; a worker
+        # without one runs its models on the event loop's thread (see _run_on_loop).
+        self._on_loop = all(spec.kind is not ModelKind.IMAGE for spec in specs)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         # Reads block for up to a second, so their socket waits longer than that.
         self.redis = Redis.from_url(
@@ -192,8 +212,8 @@ class Worker:
             socket_timeout=settings.redis_timeout_s + READ_BLOCK_MS / 1000,
             health_check_interval=30,
         )
-        # The inference thread's own connection: it stores the outcomes of the
-        # batches nobody follows step by step (see _run_unfollowed).
+        # The connection that stores the outcomes of the batches nobody follows
+        # step by step, from the thread that computed them (see _run_unfollowed).
         self.store_redis = SyncRedis.from_url(
             settings.redis_url,
             socket_connect_timeout=settings.redis_timeout_s,
@@ -242,9 +262,11 @@ class Worker:
         cache = ComponentCache()
         for spec in self.specs.values():
             started = time.perf_counter()
-            self.runners[spec.id] = await self._in_thread(
-                load_runner, spec, self.placement, self.settings, cache
-            )
+            load = (spec, self.placement, self.settings, cache)
+            if self._on_loop:
+                self.runners[spec.id] = load_runner(*load)
+            else:
+                self.runners[spec.id] = await self._in_thread(load_runner, *load)
             load_seconds = time.perf_counter() - started
             self.metrics.load_seconds.labels(spec.id).set(load_seconds)
             logger.info(
@@ -489,10 +511,11 @@ class Worker:
 
     async def _run_unfollowed(self, batch: _Batch) -> tuple[dict[str, int], list[Any]]:
         """Run a batch nobody follows step by step, storing its outcomes from the
-        inference thread. Returns where each job's FINISH_SCRIPT reply landed, and
-        the replies.
+        thread that computed them. Returns where each job's FINISH_SCRIPT reply
+        landed, and the replies.
 
-        The batch goes to the inference thread at once, while its jobs are being
+        The batch goes to the inference thread at once (or runs on the event
+        loop's, see ``_run_on_loop``), while its jobs are being
         marked running: the marking's round trip overlaps the compute. The
         thread waits for the marking's answer only once the compute is done,
         drops the results of jobs that must not run (cancelled meanwhile,
@@ -502,8 +525,10 @@ class Worker:
         jobs of synchronous requests have nobody watching their events.
         """
         loop = asyncio.get_running_loop()
-        starts: Future[_Starts] = Future()
         hooks = _Hooks(self, loop, batch.jobs)
+        if self._on_loop:
+            return await self._run_on_loop(batch, hooks)
+        starts: Future[_Starts] = Future()
         stored = loop.run_in_executor(self._executor, self._compute_and_store, batch, starts, hooks)
         try:
             started = await self._start_jobs(batch.jobs)
@@ -515,13 +540,43 @@ class Worker:
         self._observe_queued(batch, started.runnable)
         return await stored
 
+    async def _run_on_loop(
+        self, batch: _Batch, hooks: BatchHooks
+    ) -> tuple[dict[str, int], list[Any]]:
+        """``_run_unfollowed`` on the event loop's own thread, for a worker that
+        holds no image pipeline.
+
+        The marking goes out first; its answer is read once the compute is done.
+        The batch pauses after each model pass, so heartbeats and leases go on
+        through a long one. A lone client's request skips the hand-off to
+        another thread, which on a 2-core machine cost it half a millisecond.
+        """
+        marking = asyncio.ensure_future(self._start_jobs(batch.jobs))
+        try:
+            every, sizes = await _step_through(
+                run_guarded(self.runners[batch.model_id], batch.jobs, hooks)
+            )
+            started = await marking
+        finally:
+            if not marking.done():  # the batch was interrupted: nothing is stored
+                await cancel_and_wait([marking])
+        self._observe_queued(batch, started.runnable)
+        return self._store_computed(batch, started, every, sizes)
+
     def _compute_and_store(
         self, batch: _Batch, starts: Future[_Starts], hooks: BatchHooks
     ) -> tuple[dict[str, int], list[Any]]:
         """On the inference thread: run every job of ``batch``, then store the
         outcomes of those its marking lets run (see ``_run_unfollowed``)."""
-        every, sizes = run_guarded(self.runners[batch.model_id], batch.jobs, hooks)
-        started = starts.result()
+        every, sizes = complete(run_guarded(self.runners[batch.model_id], batch.jobs, hooks))
+        return self._store_computed(batch, starts.result(), every, sizes)
+
+    def _store_computed(
+        self, batch: _Batch, started: _Starts, every: list[Outcome], sizes: list[int]
+    ) -> tuple[dict[str, int], list[Any]]:
+        """Store, through the store connection, the outcomes of the jobs that
+        ``started`` lets run (``every`` holds one per job of ``batch``), and wait
+        for Redis's answer."""
         by_id = dict(zip((job.id for job in batch.jobs), every, strict=True))
         outcomes = dict(started.ended)
         outcomes.update((job.id, by_id[job.id]) for job in started.runnable)
@@ -562,7 +617,7 @@ class Worker:
         started: _Starts,
         sizes: list[int],
     ) -> dict[str, int]:
-        """Queue on ``pipe`` (the event loop's or the inference thread's) every
+        """Queue on ``pipe`` (the event loop's or the store connection's) every
         outcome of ``batch``, another attempt for those that may retry, the
         acknowledgement of its entries and its pass sizes. Returns where each
         FINISH_SCRIPT reply lands among the pipeline's replies."""
@@ -656,15 +711,13 @@ class Worker:
         )
         return Outcome(JobStatus.FAILED, error=error)
 
-    def _compute(
-        self, model_id: str, jobs: list[Job]
-    ) -> asyncio.Future[tuple[list[Outcome], list[int]]]:
-        """Hand ``jobs`` to the inference thread now; the future of their outcomes."""
+    async def _compute(self, model_id: str, jobs: list[Job]) -> Ran:
+        """Run ``jobs`` on the thread that runs this worker's models."""
         loop = asyncio.get_running_loop()
-        hooks = _Hooks(self, loop, jobs)
-        return loop.run_in_executor(
-            self._executor, run_guarded, self.runners[model_id], jobs, hooks
-        )
+        steps = run_guarded(self.runners[model_id], jobs, _Hooks(self, loop, jobs))
+        if self._on_loop:
+            return await _step_through(steps)
+        return await loop.run_in_executor(self._executor, complete, steps)
 
     async def _start_jobs(self, jobs: list[Job]) -> _Starts:
         """Mark jobs running: which to run, outcomes for those that must not
@@ -826,6 +879,21 @@ class _Batch:
     started: float  # time.time() when the batch began
 
 
+async def _step_through(steps: Steps[Ran]) -> Ran:
+    """Run ``steps`` on the event loop's thread, letting the loop turn before
+    each step: what it has to send goes out first, and what came in meanwhile
+    is handled between steps."""
+    try:
+        while True:
+            await asyncio.sleep(0)
+            try:
+                next(steps)
+            except StopIteration as done:
+                return cast(Ran, done.value)
+    finally:
+        steps.close()
+
+
 @dataclass(frozen=True)
 class _Starts:
     """What marking a batch's jobs running found (see ``Worker._start_jobs``)."""
@@ -855,7 +923,7 @@ class _Linger:
 
 
 class _Hooks:
-    """BatchHooks for the inference thread, handing progress to the event loop.
+    """BatchHooks for the thread that runs a batch, handing progress to the event loop.
 
     Progress is reported for queued jobs only: a synchronous request's client
     never learns its job's id, so nobody could follow it, and the writes would

@@ -1,0 +1,25 @@
+"""Work done a step at a time: a generator that yields between its steps and
+returns its result.
+
+An embedding batch is one forward pass after another. Run on a worker's event
+loop, it yields after each pass, so that the loop's heartbeats and leases go
+on while a long batch runs (see ``workers.worker.Worker._run_on_loop``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+Steps = Generator[None, None, T]
+
+
+def complete(steps: Steps[T]) -> T:
+    """Run ``steps`` through to its result, without pausing."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
