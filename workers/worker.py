@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast
 
 import orjson
 from redis import Redis as SyncRedis
@@ -107,7 +107,6 @@ class Runner(Protocol):
     def run(self, jobs: list[Job], hooks: BatchHooks) -> Ran: ...
 
 
-@runtime_checkable
 class PassRunner(Runner, Protocol):
     """A runner whose batch is a series of model passes it can pause between."""
 
@@ -139,8 +138,10 @@ def run_guarded(runner: Runner, jobs: list[Job], hooks: BatchHooks) -> Steps[Ran
     raises, run its jobs one by one so only the job at fault fails and the
     others still get their result."""
     try:
-        if isinstance(runner, PassRunner):
-            return (yield from runner.passes(jobs, hooks))
+        # Not isinstance(runner, PassRunner): on a runtime-checkable protocol that
+        # costs 15 µs, on the path of every batch.
+        if hasattr(runner, "passes"):
+            return (yield from cast(PassRunner, runner).passes(jobs, hooks))
         return runner.run(jobs, hooks)
     except Exception as exc:
         if len(jobs) == 1:
