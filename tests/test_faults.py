@@ -116,9 +116,9 @@ def wait_running(url: str, job_ids: list[str]) -> None:
             time.sleep(0.01)
 
 
-def busy_workers(client: redis.Redis) -> dict[str, int]:
-    """Consumer name → entries it holds unacknowledged."""
-    stream = Keys(NAMESPACE).stream("demo-dit")
+def busy_workers(client: redis.Redis, model: str = "demo-dit") -> dict[str, int]:
+    """Consumer name → entries of ``model`` it holds unacknowledged."""
+    stream = Keys(NAMESPACE).stream(model)
     return {
         consumer["name"].decode(): consumer["pending"]
         for consumer in client.xinfo_consumers(stream, CONSUMER_GROUP)
@@ -153,6 +153,64 @@ def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
     stream = Keys(NAMESPACE).stream("demo-dit")
     assert site.client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
     assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
+
+
+EMBEDDING = "all-minilm-l6-v2"
+# A worker without image pipelines runs its model on its event loop's thread
+# (Worker._run_on_loop). In passes of at most 64 padded tokens, one job of 300
+# sentences takes 75 passes: long enough to be cut off in the middle.
+LONG_EMBEDDINGS = {"HEARTH_MAX_BATCH_TOKENS": "64", "HEARTH_MAX_BATCH_JOBS": "2"}
+
+
+def long_embeddings(job: int) -> dict[str, Any]:
+    sentences = [f"Job {job}, sentence {i}: the weather in town today." for i in range(300)]
+    return {"model": EMBEDDING, "input": sentences}
+
+
+def test_an_embedding_worker_killed_mid_batch_loses_nothing(site: Site) -> None:
+    site.env["HEARTH_MODELS"] = EMBEDDING
+    workers = [site.start("worker", **LONG_EMBEDDINGS) for _ in range(2)]
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", workers)
+    wait_until_both_live = time.monotonic() + 30
+    while len(site.client.hkeys(Keys(NAMESPACE).workers())) < 2:
+        assert time.monotonic() < wait_until_both_live
+        time.sleep(0.1)
+
+    job_ids = [submit(url, long_embeddings(n), kind="embeddings") for n in range(6)]
+    wait_running(url, job_ids)
+    victim_name = next(iter(busy_workers(site.client, EMBEDDING)))
+    victim = next(w for w in workers if str(w.pid) in victim_name)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.popen.wait(10)
+
+    jobs = wait_all(url, job_ids)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert all(len(job["result"]["data"]) == 300 for job in jobs.values())
+    assert any(job["attempts"] == 2 for job in jobs.values()), "no job was taken over"
+    stream = Keys(NAMESPACE).stream(EMBEDDING)
+    assert site.client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+    assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
+
+
+def test_redis_restarted_under_an_embedding_worker_loses_no_job(site: Site) -> None:
+    site.env["HEARTH_MODELS"] = EMBEDDING
+    worker = site.start("worker", HEARTH_REDIS_TIMEOUT_S="1", **LONG_EMBEDDINGS)
+    _api, url = site.api()
+    wait_for(f"{url}/readyz", [worker])
+    job_ids = [submit(url, long_embeddings(n), kind="embeddings") for n in range(4)]
+    wait_running(url, job_ids)
+
+    site.server.stop()  # append-only file on: what was queued is on disk
+    time.sleep(1.0)
+    site.server.start()
+
+    jobs = wait_all(url, job_ids, timeout_s=120)
+    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    assert all(len(job["result"]["data"]) == 300 for job in jobs.values())
+    assert worker.popen.poll() is None
+    after = submit(url, long_embeddings(99), kind="embeddings")
+    assert wait_all(url, [after])[after]["status"] == "succeeded"
 
 
 @pytest.fixture
