@@ -126,33 +126,47 @@ def busy_workers(client: redis.Redis, model: str = "demo-dit") -> dict[str, int]
     }
 
 
-def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
-    workers = [site.start("worker"), site.start("worker")]
+def two_workers(site: Site, **env: str) -> tuple[list[Process], str]:
+    """Two workers, both live, and an API: its URL."""
+    workers = [site.start("worker", **env) for _ in range(2)]
     _api, url = site.api()
     wait_for(f"{url}/readyz", workers)
     wait_until_both_live = time.monotonic() + 30
     while len(site.client.hkeys(Keys(NAMESPACE).workers())) < 2:
         assert time.monotonic() < wait_until_both_live
         time.sleep(0.1)
+    return workers, url
 
-    body = {"model": "demo-dit", "prompt": "survive", "size": "256x256", "num_inference_steps": 20}
-    job_ids = [submit(url, {**body, "seed": seed}) for seed in range(24)]
-    # Kill -9 whichever worker holds jobs first, in the middle of its batch.
+
+def kill_mid_batch_and_wait(
+    site: Site, workers: list[Process], url: str, job_ids: list[str], model: str
+) -> dict[str, dict[str, Any]]:
+    """Kill -9 whichever worker holds jobs first, in the middle of its batch; once
+    every job has ended, check each succeeded, one was taken over, and nothing is
+    left pending or dead. The jobs as they ended."""
     wait_running(url, job_ids)
-    victim_name = next(iter(busy_workers(site.client)))
+    victim_name = next(iter(busy_workers(site.client, model)))
     victim = next(w for w in workers if str(w.pid) in victim_name)
     os.kill(victim.pid, signal.SIGKILL)
     victim.popen.wait(10)
 
     jobs = wait_all(url, job_ids)
     assert {job["status"] for job in jobs.values()} == {"succeeded"}
-    assert all(len(job["result"]["data"]) == 1 for job in jobs.values())
     assert any(job["attempts"] == 2 for job in jobs.values()), "no job was taken over"
-    seeds = sorted(job["result"]["data"][0]["seed"] for job in jobs.values())
-    assert seeds == list(range(24))
-    stream = Keys(NAMESPACE).stream("demo-dit")
+    stream = Keys(NAMESPACE).stream(model)
     assert site.client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
     assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
+    return jobs
+
+
+def test_a_worker_killed_mid_job_loses_nothing(site: Site) -> None:
+    workers, url = two_workers(site)
+    body = {"model": "demo-dit", "prompt": "survive", "size": "256x256", "num_inference_steps": 20}
+    job_ids = [submit(url, {**body, "seed": seed}) for seed in range(24)]
+    jobs = kill_mid_batch_and_wait(site, workers, url, job_ids, "demo-dit")
+    assert all(len(job["result"]["data"]) == 1 for job in jobs.values())
+    seeds = sorted(job["result"]["data"][0]["seed"] for job in jobs.values())
+    assert seeds == list(range(24))
 
 
 EMBEDDING = "all-minilm-l6-v2"
@@ -169,28 +183,10 @@ def long_embeddings(job: int) -> dict[str, Any]:
 
 def test_an_embedding_worker_killed_mid_batch_loses_nothing(site: Site) -> None:
     site.env["HEARTH_MODELS"] = EMBEDDING
-    workers = [site.start("worker", **LONG_EMBEDDINGS) for _ in range(2)]
-    _api, url = site.api()
-    wait_for(f"{url}/readyz", workers)
-    wait_until_both_live = time.monotonic() + 30
-    while len(site.client.hkeys(Keys(NAMESPACE).workers())) < 2:
-        assert time.monotonic() < wait_until_both_live
-        time.sleep(0.1)
-
+    workers, url = two_workers(site, **LONG_EMBEDDINGS)
     job_ids = [submit(url, long_embeddings(n), kind="embeddings") for n in range(6)]
-    wait_running(url, job_ids)
-    victim_name = next(iter(busy_workers(site.client, EMBEDDING)))
-    victim = next(w for w in workers if str(w.pid) in victim_name)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.popen.wait(10)
-
-    jobs = wait_all(url, job_ids)
-    assert {job["status"] for job in jobs.values()} == {"succeeded"}
+    jobs = kill_mid_batch_and_wait(site, workers, url, job_ids, EMBEDDING)
     assert all(len(job["result"]["data"]) == 300 for job in jobs.values())
-    assert any(job["attempts"] == 2 for job in jobs.values()), "no job was taken over"
-    stream = Keys(NAMESPACE).stream(EMBEDDING)
-    assert site.client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
-    assert site.client.xlen(Keys(NAMESPACE).dead_letters()) == 0
 
 
 def test_redis_restarted_under_an_embedding_worker_loses_no_job(site: Site) -> None:
