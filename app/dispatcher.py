@@ -45,6 +45,7 @@ from workers.protocol import (
     Keys,
     expire_args,
     job_view,
+    listener,
     parse_reply,
     queue_script,
 )
@@ -121,7 +122,7 @@ class Dispatcher:
 
     async def _listen(self) -> None:
         while not self._stopping:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = listener(self.redis)
             try:
                 await pubsub.subscribe(self.channel)
                 while not self._stopping:

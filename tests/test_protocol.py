@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from typing import Any
 
 import orjson
+import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from app.auth import TOKEN_BUCKET_SCRIPT
+from tests.support import run_on_own_thread
 from workers import protocol
 from workers.protocol import (
     ENQUEUE_SCRIPT,
@@ -26,6 +32,7 @@ from workers.protocol import (
     Outcome,
     expire_args,
     job_view,
+    listener,
     parse_reply,
     reply_head,
 )
@@ -293,3 +300,32 @@ def test_every_script_touches_the_keys_of_one_hash_tag() -> None:
     for name, source in scripts.items():
         assert "KEYS[1]" in source, name
         assert "KEYS[2]" not in source, name
+
+
+def test_a_listener_hands_a_large_message_on_without_formatting_it(
+    redis_url: str, redis_client: redis.Redis, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis-py's default handler logs every pushed message at debug level, the
+    # whole message formatted first; the listener's handler does neither.
+    channel = Keys(namespace).replies("listener-test")
+    message = b'{"id":"j"}\n' + b"x" * 200_000
+
+    async def hear() -> dict[str, Any]:
+        client = AsyncRedis.from_url(redis_url)
+        pubsub = listener(client)
+        try:
+            await pubsub.subscribe(channel)
+            await asyncio.to_thread(redis_client.publish, channel, message)
+            while True:
+                heard = await pubsub.get_message(timeout=5.0)
+                if heard is not None:
+                    return heard
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await client.aclose()
+
+    with caplog.at_level(logging.DEBUG, logger="push_response"):
+        heard = run_on_own_thread(hear)
+    assert heard["type"] == "message"  # the subscribe confirmation was skipped
+    assert heard["data"] == message
+    assert not [record for record in caplog.records if record.name == "push_response"]

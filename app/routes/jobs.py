@@ -31,7 +31,7 @@ from app.schemas import EmbeddingsJob, ErrorBody, ImageEditsJob, JobRequest, Job
 from app.state import AppState, StateDep
 from app.submit import accept, public_base
 from models.registry import UnknownModelError
-from workers.protocol import TERMINAL_STATUSES, JobStatus, absolute_urls
+from workers.protocol import TERMINAL_STATUSES, JobStatus, absolute_urls, listener
 
 router = APIRouter(tags=["jobs"])
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ async def _follow(state: AppState, request: Request, job_id: str) -> AsyncIterat
     sent: str | None = None  # the state event sent last: a reconnect does not repeat it
     outage: float | None = None  # when Redis was found unreachable, while it still is
     while True:
-        pubsub = state.subscriber.pubsub(ignore_subscribe_messages=True)
+        pubsub = listener(state.subscriber)
         try:
             # Subscribe before reading the state, so nothing falls between the two.
             await pubsub.subscribe(state.dispatcher.keys.events(job_id))
