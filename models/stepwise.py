@@ -2,12 +2,15 @@
 returns its result.
 
 An embedding batch is one forward pass after another. Run on a worker's event
-loop, it yields after each pass, so that the loop's heartbeats and leases go
-on while a long batch runs (see ``workers.worker.Worker._run_on_loop``).
+loop (``step_through``), it yields after each pass, so that the loop's
+heartbeats and leases go on while a long batch runs (see
+``workers.worker.Worker._run_on_loop``); elsewhere it runs at once
+(``complete``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from typing import TypeVar
 
@@ -23,3 +26,18 @@ def complete(steps: Steps[T]) -> T:
             next(steps)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+
+
+async def step_through(steps: Steps[T]) -> T:
+    """Run ``steps`` on the event loop's thread, letting the loop turn before
+    each step: what it has to send goes out first, and what came in meanwhile
+    is handled between steps."""
+    try:
+        while True:
+            await asyncio.sleep(0)
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+    finally:
+        steps.close()

@@ -49,7 +49,7 @@ from hearth.settings import Settings
 from models.components import ComponentCache
 from models.device import Placement, choose_placement
 from models.registry import ModelKind, ModelSpec
-from models.stepwise import Steps, complete
+from models.stepwise import Steps, complete, step_through
 from workers.hooks import BatchHooks
 from workers.metrics import WorkerMetrics
 from workers.protocol import (
@@ -555,7 +555,7 @@ class Worker:
         """
         marking = asyncio.ensure_future(self._start_jobs(batch.jobs))
         try:
-            every, sizes = await _step_through(
+            every, sizes = await step_through(
                 run_guarded(self.runners[batch.model_id], batch.jobs, hooks)
             )
             started = await marking
@@ -718,7 +718,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         steps = run_guarded(self.runners[model_id], jobs, _Hooks(self, loop, jobs))
         if self._on_loop:
-            return await _step_through(steps)
+            return await step_through(steps)
         return await loop.run_in_executor(self._executor, complete, steps)
 
     async def _start_jobs(self, jobs: list[Job]) -> _Starts:
@@ -879,21 +879,6 @@ class _Batch:
     jobs: list[Job]  # the entries that hold a readable job
     entry_of: dict[str, bytes]  # job id → its entry
     started: float  # time.time() when the batch began
-
-
-async def _step_through(steps: Steps[Ran]) -> Ran:
-    """Run ``steps`` on the event loop's thread, letting the loop turn before
-    each step: what it has to send goes out first, and what came in meanwhile
-    is handled between steps."""
-    try:
-        while True:
-            await asyncio.sleep(0)
-            try:
-                next(steps)
-            except StopIteration as done:
-                return cast(Ran, done.value)
-    finally:
-        steps.close()
 
 
 @dataclass(frozen=True)
