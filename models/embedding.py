@@ -103,9 +103,13 @@ class EmbeddingModel:
         """Embed ``texts``; rows come back in the order given."""
         return complete(self.passes(texts))
 
-    def passes(self, texts: list[str]) -> Steps[Embeddings]:
-        """Embed ``texts`` as ``embed`` does, yielding after each forward pass."""
-        token_ids = self.tokenize(texts)
+    def passes(
+        self, texts: list[str], token_ids: list[list[int]] | None = None
+    ) -> Steps[Embeddings]:
+        """Embed ``texts`` as ``embed`` does, yielding after each forward pass.
+        ``token_ids``: what ``tokenize`` gave for them, when they were tokenized before."""
+        if token_ids is None:
+            token_ids = self.tokenize(texts)
         order = sorted(range(len(texts)), key=lambda i: len(token_ids[i]))
         vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
         batch_sizes: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from sentence_transformers import SentenceTransformer
 from models.device import choose_placement
 from models.embedding import EmbeddingModel, reduce_dimensions
 from tests.model_folders import plain_encoder, with_pooling
+from workers.embeddings import EmbeddingRunner
+from workers.hooks import NoHooks
+from workers.protocol import Job, JobType
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -81,6 +85,45 @@ def test_passes_pause_after_each_forward_pass_and_end_with_what_embed_gives(
     assert stepped.batch_sizes == whole.batch_sizes
     assert stepped.token_counts == whole.token_counts
     np.testing.assert_array_equal(stepped.vectors, whole.vectors)
+
+
+def embedding_jobs(texts: list[str], per_job: int) -> list[Job]:
+    return [
+        Job(
+            type=JobType.EMBEDDINGS,
+            model="all-minilm-l6-v2",
+            input={"input": texts[start : start + per_job], "encoding_format": "float"},
+            deadline=time.time() + 60,
+        )
+        for start in range(0, len(texts), per_job)
+    ]
+
+
+def test_a_batch_takes_the_tokens_prepared_while_it_gathered_and_answers_the_same(
+    packaged: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = embedding_jobs(TEXTS, per_job=3)
+    runner = EmbeddingRunner("all-minilm-l6-v2", packaged)
+    unprepared, unprepared_sizes = runner.run(jobs, NoHooks())
+    tokenized: list[list[str]] = []
+    tokenize = packaged.tokenize
+
+    def counted(texts: list[str]) -> list[list[int]]:
+        tokenized.append(list(texts))
+        return tokenize(texts)
+
+    monkeypatch.setattr(packaged, "tokenize", counted)
+    runner.prepare(jobs[:5])
+    runner.prepare(jobs[2:7])  # jobs prepared already are not tokenized again
+    outcomes, sizes = runner.run(jobs, NoHooks())
+    texts_of = [text for job in jobs for text in job.input["input"]]
+    assert tokenized == [texts_of[:15], texts_of[15:21], texts_of[21:]]
+    assert [outcome.result for outcome in outcomes] == [o.result for o in unprepared]
+    assert sizes == unprepared_sizes
+    # What the batch took is gone: the next batch of the same jobs tokenizes again.
+    tokenized.clear()
+    runner.run(jobs, NoHooks())
+    assert tokenized == [texts_of]
 
 
 @pytest.mark.parametrize("mode", ["cls", "max", "mean_sqrt_len", "weightedmean", "lasttoken"])

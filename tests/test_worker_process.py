@@ -186,6 +186,67 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
     assert lone["started_at"] - lone_created < wait_s / 2
 
 
+def test_a_gathering_batch_with_a_job_the_tokenizer_refuses_answers_the_others(
+    redis_url: str, namespace: str, tmp_path: Path, packaged_model_path: Path
+) -> None:
+    # A producer that skipped validation: a number where a text belongs. The batch
+    # tokenizes its jobs as they come while it gathers; that fails on this one.
+    wait_s = 1.0
+
+    def job(texts: list[Any], dispatcher: Dispatcher) -> Job:
+        return Job(
+            type=JobType.EMBEDDINGS,
+            model=PACKAGED_EMBEDDING_ID,
+            input={"input": texts, "encoding_format": "float", "dimensions": None},
+            deadline=time.time() + 60,
+            reply_to=dispatcher.channel,
+        )
+
+    async def go() -> list[dict[str, Any]]:
+        client = Redis.from_url(redis_url)
+        keys = Keys(namespace)
+        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
+        await dispatcher.start()
+        worker = None
+        try:
+            # Three jobs queued before the worker starts: the next batch gathers three.
+            first = asyncio.gather(*(dispatcher.run(job([f"{i}"], dispatcher)) for i in range(3)))
+            while await client.xlen(keys.stream(PACKAGED_EMBEDDING_ID)) < 3:
+                await asyncio.sleep(0.01)
+            worker = await asyncio.to_thread(
+                start_worker,
+                redis_url,
+                namespace,
+                tmp_path,
+                PACKAGED_EMBEDDING_ID,
+                HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
+                HEARTH_MAX_ATTEMPTS="1",
+            )
+            await first
+            gathering = asyncio.create_task(dispatcher.run(job(["the first"], dispatcher)))
+            await asyncio.sleep(wait_s / 4)
+            later = [job([123], dispatcher), job(["the last"], dispatcher)]
+            rest = await asyncio.gather(*(dispatcher.run(each) for each in later))
+            return [await gathering, *rest]
+        finally:
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
+            await dispatcher.stop()
+            await client.aclose()
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        first, refused, last = thread.submit(asyncio.run, go()).result()
+    assert first["started_at"] == refused["started_at"] == last["started_at"]  # one batch
+    assert refused["status"] == "failed"
+    assert "inference failed" in refused["error"]["message"]
+    model = EmbeddingModel(packaged_model_path, choose_placement("cpu"))
+    expected = model.embed(["the first", "the last"]).vectors
+    for reply, vector in zip((first, last), expected, strict=True):
+        assert reply["status"] == "succeeded"
+        got = np.array(orjson.loads(reply["result"])["data"][0]["embedding"], dtype=np.float32)
+        assert float(got @ vector) / float(np.linalg.norm(got) * np.linalg.norm(vector)) > 0.9999
+
+
 def _long_batch(texts: int) -> dict[str, Any]:
     """An embeddings job input of ``texts`` short sentences, all different."""
     sentences = [f"Sentence {i} of a long batch, about the weather in town." for i in range(texts)]

@@ -361,6 +361,8 @@ class Worker:
             for stream, entries in taken.items()
             if (linger := self._linger(stream, len(entries), now)) is not None
         }
+        for stream in lingering:
+            self._prepare(stream, taken[stream])
         while lingering:
             if len(lingering) == 1:
                 # One stream (the usual case): a read that waits for its next job,
@@ -371,15 +373,33 @@ class Worker:
             else:
                 await asyncio.sleep(GATHER_POLL_S)
                 more = await self._take(list(lingering), held=taken)
-            now = time.monotonic()
             for stream, entries in more.items():
                 taken[stream] += entries
+                self._prepare(stream, entries)
+            now = time.monotonic()  # the quiet wait starts once the new jobs are prepared
+            for stream in more:
                 lingering[stream].heard = now
             lingering = {
                 stream: linger
                 for stream, linger in lingering.items()
                 if not linger.over(len(taken[stream]), now)
             }
+
+    def _prepare(self, stream: str, entries: Entries) -> None:
+        """Have the runner of a gathering batch do what it can before the batch
+        starts (see ``EmbeddingRunner.prepare``). The batch does what this could
+        not, and meets any fault in it there, where it fails only its job."""
+        prepare = getattr(self.runners[self._streams[stream]], "prepare", None)
+        if prepare is None:
+            return
+        jobs: list[Job] = []
+        for _entry_id, fields in entries:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                jobs.append(Job.from_json(fields[b"job"]))
+        try:
+            prepare(jobs)
+        except Exception:  # a job's input its runner refuses: the batch isolates it
+            logger.debug("worker %s: preparing a batch failed", self.name, exc_info=True)
 
     def _linger(self, stream: str, held: int, now: float) -> _Linger | None:
         """How a batch of ``held`` jobs from ``stream`` waits for more; None: it starts at once.
