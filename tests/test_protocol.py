@@ -30,10 +30,12 @@ from workers.protocol import (
     JobType,
     Keys,
     Outcome,
+    SentAhead,
     expire_args,
     job_view,
     listener,
     parse_reply,
+    queue_script,
     reply_head,
 )
 
@@ -329,3 +331,55 @@ def test_a_listener_hands_a_large_message_on_without_formatting_it(
     assert heard["type"] == "message"  # the subscribe confirmation was skipped
     assert heard["data"] == message
     assert not [record for record in caplog.records if record.name == "push_response"]
+
+
+def one_connection_client(redis_url: str) -> redis.Redis:
+    """A client whose every command goes through one connection: what one user of
+    it leaves unread, the next one would read."""
+    return redis.Redis(
+        connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=1)
+    )
+
+
+def test_scripts_sent_ahead_answer_in_order_once_read(redis_url: str, namespace: str) -> None:
+    client = one_connection_client(redis_url)
+    try:
+        sent = SentAhead()
+        for value in ("a", "b", "c"):
+            queue_script(sent, "return ARGV[1]", [], [value])
+        sent.send(client)
+        assert sent.replies() == [b"a", b"b", b"c"]
+        assert client.ping() is True  # released, and clean
+    finally:
+        client.close()
+
+
+def test_an_error_reply_is_raised_once_every_reply_is_read(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    key = f"{namespace}:a-hash"
+    redis_client.hset(key, "field", "value")
+    client = one_connection_client(redis_url)
+    try:
+        sent = SentAhead()
+        queue_script(sent, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
+        queue_script(sent, "return ARGV[1]", [], ["after"])
+        sent.send(client)
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            sent.replies()
+        # The reply after the error was read too: the next command gets its own.
+        assert client.echo("next") == b"next"
+    finally:
+        client.close()
+
+
+def test_abandoned_scripts_leave_no_reply_behind(redis_url: str, namespace: str) -> None:
+    client = one_connection_client(redis_url)
+    try:
+        sent = SentAhead()
+        queue_script(sent, "return ARGV[1]", [], ["stale"])
+        sent.send(client)
+        sent.abandon()
+        assert client.echo("fresh") == b"fresh"
+    finally:
+        client.close()

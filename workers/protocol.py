@@ -15,6 +15,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
+from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -303,6 +305,58 @@ def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> No
     trip), and could meet NOSCRIPT after a Redis restart.
     """
     pipe.eval(source, len(keys), *keys, *args)
+
+
+class SentAhead:
+    """Scripts gathered as a pipeline gathers them (``queue_script`` takes it),
+    sent at once on a connection of a synchronous client, their replies read
+    later: a worker's batch sends its marking before the compute and reads the
+    answer, long since in, after it, without an event loop in between."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+        self._client: redis.Redis | None = None
+        self._connection: Any = None
+
+    def eval(self, *args: Any) -> None:
+        self.commands.append(("EVAL", *args))
+
+    def send(self, client: redis.Redis) -> None:
+        self._client = client
+        self._connection = client.connection_pool.get_connection()
+        try:
+            self._connection.send_packed_command(self._connection.pack_commands(self.commands))
+        except BaseException:
+            self.abandon()
+            raise
+
+    def replies(self) -> list[Any]:
+        """Every command's reply, in order; raises the first error reply, once all are read."""
+        assert self._client is not None
+        connection, self._connection = self._connection, None
+        replies: list[Any] = []
+        try:
+            for _command in self.commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()  # replies left unread: it must not be used again
+            raise
+        finally:
+            self._client.connection_pool.release(connection)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    def abandon(self) -> None:
+        """Drop the connection with its unread replies."""
+        if self._client is not None and self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.disconnect()
+            self._client.connection_pool.release(connection)
 
 
 # Scripts keep status changes atomic per job, so that a redelivered or late

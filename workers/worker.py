@@ -67,6 +67,7 @@ from workers.protocol import (
     JobStatus,
     Keys,
     Outcome,
+    SentAhead,
     expire_args,
     listener,
     queue_script,
@@ -571,12 +572,13 @@ class Worker:
         The marking goes out first, on the store connection; its answer, in by
         then, is read there once the compute is done (through the event loop's
         pipeline it took 0.5-0.9 ms more: parsed reply by reply, over several
-        turns of the loop, after the compute). The batch pauses after each model pass, so heartbeats and leases go on
-        through a long one. A lone client's request skips the hand-off to
-        another thread, which on a 2-core machine cost it half a millisecond.
+        turns of the loop, after the compute). The batch pauses after each model
+        pass, so heartbeats and leases go on through a long one. A lone client's
+        request skips the hand-off to another thread, which on a 2-core machine
+        cost it half a millisecond.
         """
         now = time.time()
-        marking = _Sent()
+        marking = SentAhead()
         overdue = self._queue_starts(marking, batch.jobs, now)
         marking.send(self.store_redis)
         try:
@@ -925,58 +927,6 @@ class _Starts:
     ended: dict[str, Outcome]  # job id → the outcome of a job that must not run
     attempts: dict[str, int]  # job id → its attempt number, for every started job
     busy: set[str]  # jobs another live worker is running
-
-
-class _Sent:
-    """Commands gathered as a pipeline gathers them (``queue_script`` takes it),
-    sent at once on a connection of a synchronous client, their replies read
-    later: a batch on the event loop's thread sends its marking before the
-    compute and reads the answer, long since in, after it."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[Any, ...]] = []
-        self._client: SyncRedis | None = None
-        self._connection: Any = None
-
-    def eval(self, *args: Any) -> None:
-        self.commands.append(("EVAL", *args))
-
-    def send(self, client: SyncRedis) -> None:
-        self._client = client
-        self._connection = client.connection_pool.get_connection()
-        try:
-            self._connection.send_packed_command(self._connection.pack_commands(self.commands))
-        except BaseException:
-            self.abandon()
-            raise
-
-    def replies(self) -> list[Any]:
-        """Every command's reply, in order; raises the first error reply, once all are read."""
-        assert self._client is not None
-        connection, self._connection = self._connection, None
-        replies: list[Any] = []
-        try:
-            for _command in self.commands:
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:
-            connection.disconnect()  # replies left unread: it must not be used again
-            raise
-        finally:
-            self._client.connection_pool.release(connection)
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies
-
-    def abandon(self) -> None:
-        """Drop the connection with its unread replies."""
-        if self._client is not None and self._connection is not None:
-            connection, self._connection = self._connection, None
-            connection.disconnect()
-            self._client.connection_pool.release(connection)
 
 
 @dataclass
