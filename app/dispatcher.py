@@ -89,8 +89,16 @@ class Dispatcher:
         result_ttl_s: int,
         max_queue_depth: int,
         webhooks: WebhookSender | None = None,
+        submits: Redis | None = None,
+        submit_timeout_s: float | None = None,
     ) -> None:
         self.redis = redis
+        # Submits go through ``submits`` (else ``redis``), their pipeline bounded by
+        # ``submit_timeout_s`` as a whole: a client whose connections time every
+        # reply they read (redis-py's socket timeout) spends a timer on each, three
+        # per job, and a submit pipeline under load holds dozens of jobs.
+        self.submits = submits or redis
+        self.submit_timeout_s = submit_timeout_s
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.max_queue_depth = max_queue_depth
@@ -278,7 +286,7 @@ class Dispatcher:
         batch, self._submits = self._submits, []
         sent: list[tuple[int, asyncio.Future[bytes | None]]] = []  # where its replies end
         try:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self.submits.pipeline(transaction=False)
             for job, ttl, recorded, future in batch:
                 try:
                     # Encoded before any of its commands is queued, so that a job that
@@ -297,7 +305,7 @@ class Dispatcher:
                 stream = self.keys.stream(job.model)
                 queue_script(pipe, ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, payload])
                 sent.append((len(pipe), future))  # the stream entry's id its last reply
-            replies = await pipe.execute(raise_on_error=False) if sent else []
+            replies = await self._execute_submits(pipe) if sent else []
             start = 0
             for end, future in sent:
                 written, start = replies[start:end], end
@@ -316,6 +324,16 @@ class Dispatcher:
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
+
+    async def _execute_submits(self, pipe: Any) -> list[Any]:
+        try:
+            async with asyncio.timeout(self.submit_timeout_s):
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                return replies
+        except TimeoutError:
+            raise RedisTimeoutError(
+                f"Redis did not answer a submit within {self.submit_timeout_s:g} s"
+            ) from None
 
     async def view(self, job_id: str) -> dict[str, Any] | None:
         """The job as `GET /v1/jobs/{id}` shows it; None when unknown or expired.

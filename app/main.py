@@ -33,7 +33,8 @@ SUBSCRIBER_CONNECTIONS = 65_536  # one per event-stream follower
 
 
 def build_state(settings: Settings) -> AppState:
-    if not settings.redis_url:
+    redis_url = settings.redis_url
+    if not redis_url:
         raise ValueError("REDIS_URL is not set: the API needs a Redis to queue jobs in")
     # Fail fast when Redis is down: a client gets 503 in seconds, not a hang.
     options: dict[str, Any] = {
@@ -41,21 +42,26 @@ def build_state(settings: Settings) -> AppState:
         "socket_timeout": settings.redis_timeout_s,
         "health_check_interval": 30,
     }
-    # Requests share a bounded set of connections, each held for a round trip or
-    # two; past the bound a request waits its turn rather than failing.
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        **options,
-    )
-    redis = Redis.from_pool(pool)
+
+    def request_pool(socket_timeout: float | None) -> Redis:
+        # Requests share a bounded set of connections, each held for a round trip
+        # or two; past the bound a request waits its turn rather than failing.
+        pool = BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            **{**options, "socket_timeout": socket_timeout},
+        )
+        return Redis.from_pool(pool)
+
+    redis = request_pool(settings.redis_timeout_s)
+    # The dispatcher's submits: their pipelines are timed as a whole (see
+    # Dispatcher) rather than reply by reply.
+    submits = request_pool(None)
     # Event-stream followers each hold a subscription for as long as they watch:
     # they get connections of their own, so they never starve the requests.
-    subscriber = Redis.from_url(
-        settings.redis_url, max_connections=SUBSCRIBER_CONNECTIONS, **options
-    )
+    subscriber = Redis.from_url(redis_url, max_connections=SUBSCRIBER_CONNECTIONS, **options)
     keys = Keys(settings.namespace)
     registry = Registry.scan(settings.model_store)
     served = {spec.id: spec for spec in registry.select(settings.models)}
@@ -68,7 +74,13 @@ def build_state(settings: Settings) -> AppState:
         registry=registry,
         served=served,
         dispatcher=Dispatcher(
-            redis, keys, settings.result_ttl_s, settings.max_queue_depth, webhooks
+            redis,
+            keys,
+            settings.result_ttl_s,
+            settings.max_queue_depth,
+            webhooks,
+            submits=submits,
+            submit_timeout_s=settings.redis_timeout_s,
         ),
         webhooks=webhooks,
         fleet=Fleet(redis, keys, settings.worker_ttl_s),
@@ -91,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.dispatcher.stop()
             await state.webhooks.drain()
             await state.redis.aclose()
+            await state.dispatcher.submits.aclose()
             await state.subscriber.aclose()
 
     # The docs pages load their scripts from this server, never from a CDN (app/docs.py).

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.dispatcher import DeadlinePassed, Dispatcher
 from app.errors import Conflict, Unavailable
 from app.idempotency import Idempotency
+from hearth.embedded_redis import EmbeddedRedis
+from tests.support import run_on_own_thread
 from workers.protocol import FINISH_SCRIPT, Job, JobStatus, JobType, Keys, reply_head
 from workers.protocol import Outcome as JobOutcome
 
@@ -332,3 +338,42 @@ def test_reading_a_queued_job_past_its_deadline_ends_it_expired(
     assert after["finished_at"] >= after["created_at"] + 0.3
     assert after["started_at"] is None and after["attempts"] == 0
     assert 0 < ttl <= 60  # the result TTL, counted from its end
+
+
+def test_a_submit_to_a_redis_that_stopped_answering_fails_within_its_timeout(
+    tmp_path: Path,
+) -> None:
+    # Submits go through connections that time a pipeline as a whole, not reply by
+    # reply; a Redis that takes the request and never answers still fails it in time.
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    assert server.process is not None
+
+    async def go() -> tuple[type[BaseException], float, str]:
+        client = Redis.from_url(server.url)
+        submits = Redis.from_url(server.url, socket_timeout=None)
+        dispatcher = Dispatcher(
+            client, Keys("hung"), 60, 1000, submits=submits, submit_timeout_s=0.5
+        )
+        try:
+            assert await dispatcher.submit(make_job("nobody"))  # answering: fine
+            os.kill(server.process.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                # Bounded here too: a submit with no timeout of its own would hang.
+                await asyncio.wait_for(dispatcher.submit(make_job("nobody")), 10)
+            except Exception as exc:
+                return type(exc), time.monotonic() - started, str(exc)
+            raise AssertionError("a submit to a stopped Redis succeeded")
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+            await submits.aclose()
+            await client.aclose()
+
+    try:
+        kind, waited, message = run_on_own_thread(go)
+    finally:
+        server.stop()
+    assert issubclass(kind, RedisTimeoutError)
+    assert "within 0.5 s" in message
+    assert 0.4 < waited < 3
