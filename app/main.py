@@ -102,9 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.dispatcher.stop()
             await state.webhooks.drain()
-            await state.redis.aclose()
-            await state.dispatcher.submits.aclose()
-            await state.subscriber.aclose()
+            await state.close_connections()
 
     # The docs pages load their scripts from this server, never from a CDN (app/docs.py).
     app = FastAPIOffline(

@@ -32,6 +32,11 @@ class AppState:
     api_keys: list[str]  # empty: no key needed
     rate_limiter: AsyncScript  # the token bucket script
 
+    async def close_connections(self) -> None:
+        """Close every Redis client this state holds."""
+        for client in (self.redis, self.dispatcher.submits, self.subscriber):
+            await client.aclose()  # twice for one client (no separate submits) is harmless
+
     def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
         """The served model ``model_id`` (or aliased so): 404 when unknown, 400 when of
         another ``kind``."""

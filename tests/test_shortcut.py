@@ -85,8 +85,7 @@ def call(
 
     async def go() -> None:
         await shortcut(scope, receive, send)
-        await state.redis.aclose()
-        await state.subscriber.aclose()
+        await state.close_connections()
 
     run_on_own_thread(go)
     start = next(message for message in sent if message["type"] == "http.response.start")
