@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,43 @@ def test_the_noop_model_answers_every_job_at_once(
     assert all(reply["started_at"] <= reply["finished_at"] for reply in replies)
 
 
+def embedding_job(texts: list[Any], dispatcher: Dispatcher) -> Job:
+    return Job(
+        type=JobType.EMBEDDINGS,
+        model=PACKAGED_EMBEDDING_ID,
+        input={"input": texts, "encoding_format": "float", "dimensions": None},
+        deadline=time.time() + 60,
+        reply_to=dispatcher.channel,
+    )
+
+
+@contextlib.asynccontextmanager
+async def worker_after_a_batch_of_three(
+    redis_url: str, namespace: str, folder: Path, **env: str
+) -> AsyncIterator[Dispatcher]:
+    """A dispatcher, and a worker started on three queued jobs, once it has answered
+    them: under load, its next batch waits for three. Both stop on leaving."""
+    client = Redis.from_url(redis_url)
+    dispatcher = Dispatcher(client, Keys(namespace), result_ttl_s=60, max_queue_depth=100)
+    await dispatcher.start()
+    worker = None
+    try:
+        texts = ([f"{i}"] for i in range(3))
+        first = asyncio.gather(*(dispatcher.run(embedding_job(t, dispatcher)) for t in texts))
+        while await client.xlen(dispatcher.keys.stream(PACKAGED_EMBEDDING_ID)) < 3:
+            await asyncio.sleep(0.01)
+        worker = await asyncio.to_thread(
+            start_worker, redis_url, namespace, folder, PACKAGED_EMBEDDING_ID, **env
+        )
+        await first
+        yield dispatcher
+    finally:
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
+        await dispatcher.stop()
+        await client.aclose()
+
+
 def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
     redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -112,33 +151,12 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
     wait_s = 1.0
 
     def job(text: str, dispatcher: Dispatcher) -> Job:
-        return Job(
-            type=JobType.EMBEDDINGS,
-            model=PACKAGED_EMBEDDING_ID,
-            input={"input": [text], "encoding_format": "float", "dimensions": None},
-            deadline=time.time() + 60,
-            reply_to=dispatcher.channel,
-        )
+        return embedding_job([text], dispatcher)
 
     async def go() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], float]:
-        client = Redis.from_url(redis_url)
-        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
-        await dispatcher.start()
-        worker = None
-        try:
-            # Three jobs queued before the worker starts: its first batch holds them all.
-            first = asyncio.gather(*(dispatcher.run(job(f"{i}", dispatcher)) for i in range(3)))
-            while await client.xlen(keys.stream(PACKAGED_EMBEDDING_ID)) < 3:
-                await asyncio.sleep(0.01)
-            worker = await asyncio.to_thread(
-                start_worker,
-                redis_url,
-                namespace,
-                tmp_path,
-                PACKAGED_EMBEDDING_ID,
-                HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
-            )
-            await first
+        async with worker_after_a_batch_of_three(
+            redis_url, namespace, tmp_path, HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000)
+        ) as dispatcher:
             # Under load, a batch waits for as many jobs as the last one held (3), and
             # starts once they are in, without waiting out the rest of its wait.
             early = asyncio.create_task(dispatcher.run(job("early", dispatcher)))
@@ -167,11 +185,6 @@ def test_an_embedding_batch_under_load_waits_for_the_clients_just_answered(
                 lone,
                 lone_job.created_at,
             )
-        finally:
-            if worker is not None:
-                await asyncio.to_thread(worker.stop)
-            await dispatcher.stop()
-            await client.aclose()
 
     with ThreadPoolExecutor(max_workers=1) as thread:
         early, full, full_created, second, third, third_created, lone, lone_created = thread.submit(
@@ -193,46 +206,21 @@ def test_a_gathering_batch_with_a_job_the_tokenizer_refuses_answers_the_others(
     # tokenizes its jobs as they come while it gathers; that fails on this one.
     wait_s = 1.0
 
-    def job(texts: list[Any], dispatcher: Dispatcher) -> Job:
-        return Job(
-            type=JobType.EMBEDDINGS,
-            model=PACKAGED_EMBEDDING_ID,
-            input={"input": texts, "encoding_format": "float", "dimensions": None},
-            deadline=time.time() + 60,
-            reply_to=dispatcher.channel,
-        )
-
     async def go() -> list[dict[str, Any]]:
-        client = Redis.from_url(redis_url)
-        keys = Keys(namespace)
-        dispatcher = Dispatcher(client, keys, result_ttl_s=60, max_queue_depth=100)
-        await dispatcher.start()
-        worker = None
-        try:
-            # Three jobs queued before the worker starts: the next batch gathers three.
-            first = asyncio.gather(*(dispatcher.run(job([f"{i}"], dispatcher)) for i in range(3)))
-            while await client.xlen(keys.stream(PACKAGED_EMBEDDING_ID)) < 3:
-                await asyncio.sleep(0.01)
-            worker = await asyncio.to_thread(
-                start_worker,
-                redis_url,
-                namespace,
-                tmp_path,
-                PACKAGED_EMBEDDING_ID,
-                HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
-                HEARTH_MAX_ATTEMPTS="1",
+        async with worker_after_a_batch_of_three(
+            redis_url,
+            namespace,
+            tmp_path,
+            HEARTH_EMBEDDING_BATCH_WAIT_MS=str(wait_s * 1000),
+            HEARTH_MAX_ATTEMPTS="1",
+        ) as dispatcher:
+            gathering = asyncio.create_task(
+                dispatcher.run(embedding_job(["the first"], dispatcher))
             )
-            await first
-            gathering = asyncio.create_task(dispatcher.run(job(["the first"], dispatcher)))
             await asyncio.sleep(wait_s / 4)
-            later = [job([123], dispatcher), job(["the last"], dispatcher)]
+            later = [embedding_job([123], dispatcher), embedding_job(["the last"], dispatcher)]
             rest = await asyncio.gather(*(dispatcher.run(each) for each in later))
             return [await gathering, *rest]
-        finally:
-            if worker is not None:
-                await asyncio.to_thread(worker.stop)
-            await dispatcher.stop()
-            await client.aclose()
 
     with ThreadPoolExecutor(max_workers=1) as thread:
         first, refused, last = thread.submit(asyncio.run, go()).result()
