@@ -48,6 +48,7 @@ from workers.protocol import (
     listener,
     parse_reply,
     queue_script,
+    read_job,
 )
 from workers.webhooks import WebhookSender
 
@@ -182,13 +183,14 @@ class Dispatcher:
         without persistence, a flush), so no outcome will ever come."""
         for waiter in self._waiting.get(job_id, ()):
             if waiter.submitted and not waiter.future.done():
-                waiter.future.set_exception(
-                    Unavailable(
-                        f"The job queue (Redis) lost job '{job_id}' before it ended; "
-                        "retry the request.",
-                        code="job_lost",
-                    )
-                )
+                waiter.future.set_exception(self._lost_error(job_id))
+
+    @staticmethod
+    def _lost_error(job_id: str) -> Unavailable:
+        return Unavailable(
+            f"The job queue (Redis) lost job '{job_id}' before it ended; retry the request.",
+            code="job_lost",
+        )
 
     async def submit(self, job: Job, idempotency: Idempotency | None = None) -> str:
         """Write the job's record and append it to its model's stream, in one round trip
@@ -239,7 +241,7 @@ class Dispatcher:
                 self._wait(job_id, waiter)
             waiter.submitted = True
             try:
-                return await waiter.future
+                reply = await waiter.future
             except TimeoutError:  # set by the sweeper
                 own = job_id == job.id
                 if own:
@@ -249,6 +251,12 @@ class Dispatcher:
             self._unwait(job_id, waiter)
             if waiter.future.done() and not waiter.future.cancelled():
                 waiter.future.exception()  # a deadline met while the submit failed: seen
+        if reply["result_apart"]:  # read here: the reply may be shared by several waits
+            result = await self.redis.get(self.keys.result(job_id))
+            if result is None:
+                raise self._lost_error(job_id)
+            reply = {**reply, "result": result, "result_apart": False}
+        return reply
 
     def _wait(self, job_id: str, waiter: _Waiter) -> None:
         self._waiting.setdefault(job_id, []).append(waiter)
@@ -341,16 +349,15 @@ class Dispatcher:
         A job still queued past its deadline is ended `expired` first: no worker
         may be there to meet its entry and do it.
         """
-        key = self.keys.job(job_id)
-        record = cast(dict[bytes, bytes], await self.redis.hgetall(key))
+        record = await read_job(self.redis, self.keys, job_id)
         if record.get(b"status") == JobStatus.QUEUED.value.encode():
             now = time.time()
             if float(record.get(b"deadline", math.inf)) < now:
                 args = expire_args(self.keys, job_id, now, self.result_ttl_s)
-                if await self._expire(keys=[key], args=args):
+                if await self._expire(keys=[self.keys.job(job_id)], args=args):
                     logger.info("job expired in the queue", extra={"job_id": job_id})
                     self._tell_webhook(job_id, record.get(b"webhook"))
-                record = cast(dict[bytes, bytes], await self.redis.hgetall(key))
+                record = await read_job(self.redis, self.keys, job_id)
         return job_view(job_id, record)
 
     def _tell_webhook(self, job_id: str, url: bytes | None) -> None:
@@ -364,9 +371,12 @@ class Dispatcher:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(self.keys.job(job_id), *OUTCOME_FIELDS)
+            pipe.get(self.keys.result(job_id))
+        read = await pipe.execute()
         replies: list[dict[str, Any] | None] = []
-        for job_id, fields in zip(job_ids, await pipe.execute(), strict=True):
+        for job_id, fields, apart in zip(job_ids, read[::2], read[1::2], strict=True):
             status, result, error, started_at, finished_at = cast(list[bytes | None], fields)
+            result = result or apart
             if status is None:
                 replies.append(LOST)
                 continue
@@ -381,6 +391,7 @@ class Dispatcher:
                     "error": orjson.loads(error) if error else None,
                     "started_at": float(started_at) if started_at else None,
                     "finished_at": float(finished_at) if finished_at else None,
+                    "result_apart": False,
                 }
             )
         return replies

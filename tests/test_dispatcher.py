@@ -21,7 +21,15 @@ from app.errors import Conflict, Unavailable
 from app.idempotency import Idempotency
 from hearth.embedded_redis import EmbeddedRedis
 from tests.support import run_on_own_thread
-from workers.protocol import FINISH_SCRIPT, Job, JobStatus, JobType, Keys, reply_head
+from workers.protocol import (
+    RESULT_APART_BYTES,
+    Job,
+    JobStatus,
+    JobType,
+    Keys,
+    queue_finish,
+    reply_head,
+)
 from workers.protocol import Outcome as JobOutcome
 
 MODEL = "all-minilm-l6-v2"
@@ -72,22 +80,22 @@ async def taken_jobs(client: Redis, keys: Keys, count: int) -> list[Job]:
 async def finish(client: Redis, keys: Keys, job: Job, result: bytes, publish: bool) -> None:
     """End ``job`` as a worker does, publishing its reply or (a lost reply) not."""
     outcome = JobOutcome(JobStatus.SUCCEEDED, result=result)
-    args = [
-        outcome.status.value,
-        time.time(),
-        60,
-        result,
-        b"",
-        job.reply_to if publish and job.reply_to else "",
-        reply_head(job.id, outcome, time.time(), time.time()),
-        keys.events(job.id),
-    ]
-    assert await client.eval(FINISH_SCRIPT, 1, keys.job(job.id), *args) == 1
+    sent = job if publish else dataclasses.replace(job, reply_to=None)
+    pipe = client.pipeline(transaction=False)
+    index = queue_finish(pipe, keys, sent, outcome, 60, time.time(), time.time())
+    assert (await pipe.execute())[index] == 1
 
 
-def test_a_reply_is_the_workers_result_bytes(redis_url: str, namespace: str) -> None:
+# A small result travels in the reply; a large one is kept apart and read.
+RESULTS = [
+    orjson.dumps({"object": "list", "data": [1.5, 2.5]}),
+    orjson.dumps({"object": "list", "data": [{"b64_json": "A" * RESULT_APART_BYTES}]}),
+]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=["small", "large"])
+def test_a_reply_is_the_workers_result_bytes(redis_url: str, namespace: str, result: bytes) -> None:
     keys = Keys(namespace)
-    result = orjson.dumps({"object": "list", "data": [1.5, 2.5]})
 
     async def body(dispatcher: Dispatcher, client: Redis) -> dict[str, Any]:
         waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel)))
@@ -98,11 +106,14 @@ def test_a_reply_is_the_workers_result_bytes(redis_url: str, namespace: str) -> 
     reply = with_dispatcher(redis_url, namespace, body)
     assert reply["status"] == "succeeded"
     assert reply["result"] == result
+    assert reply["result_apart"] is False  # the result is in it
 
 
-def test_a_lost_reply_is_found_in_the_jobs_record(redis_url: str, namespace: str) -> None:
+@pytest.mark.parametrize("result", RESULTS, ids=["small", "large"])
+def test_a_lost_reply_is_found_in_the_jobs_record(
+    redis_url: str, namespace: str, result: bytes
+) -> None:
     keys = Keys(namespace)
-    result = b'{"object":"list"}'
 
     async def body(dispatcher: Dispatcher, client: Redis) -> tuple[dict[str, Any], float]:
         waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel)))
@@ -116,6 +127,25 @@ def test_a_lost_reply_is_found_in_the_jobs_record(redis_url: str, namespace: str
     assert reply["status"] == "succeeded"
     assert reply["result"] == result
     assert waited < 2.5  # read from the record about a second after the submit
+
+
+def test_a_result_kept_apart_that_redis_lost_is_a_503(redis_url: str, namespace: str) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> None:
+        waiting = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel)))
+        (job,) = await taken_jobs(client, keys, 1)
+        large = b'"' + b"A" * RESULT_APART_BYTES + b'"'
+        await finish(client, keys, job, large, publish=False)
+        await client.delete(keys.result(job.id))  # lost before the API read it
+        outcome = JobOutcome(JobStatus.SUCCEEDED)
+        assert job.reply_to is not None
+        await client.publish(job.reply_to, reply_head(job.id, outcome, 1.0, 2.0, True))
+        with pytest.raises(Unavailable, match="lost job") as raised:
+            await asyncio.wait_for(waiting, 5)
+        assert raised.value.code == "job_lost"
+
+    with_dispatcher(redis_url, namespace, body)
 
 
 def test_a_wait_past_its_deadline_ends_and_cancels_the_job(redis_url: str, namespace: str) -> None:
@@ -165,11 +195,11 @@ def test_a_burst_of_submits_shares_pipelines_and_each_gets_its_own_reply(
         assert orjson.loads(reply["result"]) == {"id": reply["job"]}
 
 
+@pytest.mark.parametrize("result", RESULTS, ids=["small", "large"])
 def test_requests_sharing_an_idempotency_key_all_get_the_reply(
-    redis_url: str, namespace: str
+    redis_url: str, namespace: str, result: bytes
 ) -> None:
     keys = Keys(namespace)
-    result = b'{"object":"list"}'
 
     async def body(dispatcher: Dispatcher, client: Redis) -> list[dict[str, Any]]:
         first = asyncio.create_task(dispatcher.run(make_job(dispatcher.channel), same_key("k1")))

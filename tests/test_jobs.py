@@ -25,7 +25,7 @@ from redis.asyncio import Redis as AsyncRedis
 from hearth.settings import Settings
 from tests.conftest import MODEL, WEBHOOK_SECRET, Stack
 from tests.support import free_port, start_api, wait_for
-from workers.protocol import Job, JobType, Keys
+from workers.protocol import RESULT_APART_BYTES, Job, JobType, Keys
 from workers.webhooks import WebhookSender
 
 pytestmark = pytest.mark.integration
@@ -77,6 +77,35 @@ def test_an_embeddings_job_gives_the_synchronous_body(client: httpx.Client) -> N
     sync = client.post("/v1/embeddings", json={"model": MODEL, "input": ["queued text"]}).json()
     assert done["result"]["data"] == sync["data"]
     assert done["result"]["usage"] == sync["usage"]
+
+
+def test_a_result_too_large_for_the_reply_reaches_every_reader_whole(
+    client: httpx.Client, stack: Stack, redis_client: redis.Redis
+) -> None:
+    keys = Keys(stack.namespace)
+    body = {"model": MODEL, "input": [f"sentence number {i} of a long list" for i in range(40)]}
+    before = set(redis_client.scan_iter(match=keys.result("*"), count=1000))
+    sync = client.post("/v1/embeddings", json=body)
+    assert sync.status_code == 200, sync.text
+    assert len(sync.content) > RESULT_APART_BYTES
+    # The synchronous answer's result was kept apart, and read from there.
+    (kept,) = set(redis_client.scan_iter(match=keys.result("*"), count=1000)) - before
+    assert redis_client.get(kept) == sync.content
+    receiver = Receiver([])
+    try:
+        job = submit(client, "embeddings", body, webhook=receiver.url)
+        done = wait_until(client, job["id"], ended)
+        receiver.wait(1)
+    finally:
+        receiver.close()
+    assert done["status"] == "succeeded"
+    assert done["result"] == sync.json()
+    assert orjson.loads(receiver.received[0][1])["result"] == sync.json()
+    record = redis_client.hgetall(keys.job(job["id"]))
+    assert b"result" not in record  # in its own key, expiring with the record
+    record_ttl = redis_client.ttl(keys.job(job["id"]))  # read first: the clock runs on
+    assert 0 < redis_client.ttl(keys.result(job["id"])) <= record_ttl
+    assert list(redis_client.scan_iter(match=keys.result(job["id"]) + ":*")) == []
 
 
 def test_prefer_respond_async_on_an_openai_route(client: httpx.Client) -> None:

@@ -11,6 +11,7 @@ import orjson
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.crc import key_slot
 
 from app.auth import TOKEN_BUCKET_SCRIPT
 from tests.support import run_on_own_thread
@@ -107,6 +108,7 @@ def test_the_reply_is_the_head_then_the_stored_result(
         "error": None,
         "started_at": 1.0,
         "finished_at": 2.0,
+        "result_apart": False,
     }
     assert second["id"] == second_id
     assert second["result"] is None
@@ -211,6 +213,114 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     pubsub.close()
 
 
+def _finish_through_pipeline(
+    client: redis.Redis, keys: Keys, job: Job, outcome: Outcome, now: float = 2.0
+) -> int:
+    """What a worker's store sends to end ``job``; FINISH_SCRIPT's reply."""
+    pipe = client.pipeline(transaction=False)
+    index = protocol.queue_finish(pipe, keys, job, outcome, 60, 1.0, now)
+    return int(pipe.execute()[index])
+
+
+def test_a_large_result_is_kept_apart_and_the_reply_says_so(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    channel = f"{namespace}:replies:test"
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)
+    large = orjson.dumps({"data": [{"b64_json": "A" * protocol.RESULT_APART_BYTES}]})
+    job = make_job(reply_to=channel)
+    key = _seed(redis_client, keys, job)
+    redis_client.hset(key, "status", "running")
+    outcome = Outcome(JobStatus.SUCCEEDED, result=large)
+
+    assert _finish_through_pipeline(redis_client, keys, job, outcome) == 1
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    reply = parse_reply(message["data"])
+    assert reply["status"] == "succeeded"
+    assert reply["result_apart"] is True
+    assert reply["result"] is None
+    assert len(message["data"]) < 1024  # the reply carries no result
+    record = redis_client.hgetall(key)
+    assert record[b"status"] == b"succeeded"
+    assert b"result" not in record
+    assert redis_client.get(keys.result(job.id)) == large
+    assert 0 < redis_client.ttl(keys.result(job.id)) <= 60
+    assert 0 < redis_client.ttl(key) <= 60
+    assert list(redis_client.scan_iter(match=f"{keys.result(job.id)}:*")) == []  # no draft left
+
+    # Readers of the record see the result wherever it is kept.
+    async def read() -> dict[bytes, bytes]:
+        client = AsyncRedis.from_url(redis_url)
+        try:
+            return await protocol.read_job(client, keys, job.id)
+        finally:
+            await client.aclose()
+
+    view = job_view(job.id, run_on_own_thread(read))
+    assert view is not None and view["result"] == orjson.loads(large)
+
+    # A small result stays in the record and in the reply, as before.
+    small = make_job(reply_to=channel)
+    key = _seed(redis_client, keys, small)
+    redis_client.hset(key, "status", "running")
+    done = Outcome(JobStatus.SUCCEEDED, result=b'{"data":[]}')
+    assert _finish_through_pipeline(redis_client, keys, small, done) == 1
+    message = pubsub.get_message(timeout=2)
+    assert message is not None
+    assert parse_reply(message["data"])["result"] == b'{"data":[]}'
+    assert redis_client.hget(key, "result") == b'{"data":[]}'
+    assert not redis_client.exists(keys.result(small.id))
+    pubsub.close()
+
+
+def test_a_late_large_result_leaves_the_stored_one_alone(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    job = make_job(reply_to=None)
+    key = _seed(redis_client, keys, job)
+    redis_client.hset(key, "status", "running")
+    first = b'"' + b"1" * protocol.RESULT_APART_BYTES + b'"'
+    late = b'"' + b"2" * protocol.RESULT_APART_BYTES + b'"'
+    assert (
+        _finish_through_pipeline(redis_client, keys, job, Outcome(JobStatus.SUCCEEDED, first)) == 1
+    )
+    # Another attempt finishing after it (a worker taken over while it hung).
+    assert (
+        _finish_through_pipeline(redis_client, keys, job, Outcome(JobStatus.SUCCEEDED, late)) == 0
+    )
+    assert redis_client.get(keys.result(job.id)) == first
+    assert list(redis_client.scan_iter(match=f"{keys.result(job.id)}:*")) == []  # its draft dropped
+    # And a job whose record is gone keeps nothing of it.
+    gone = make_job(reply_to=None)
+    assert (
+        _finish_through_pipeline(redis_client, keys, gone, Outcome(JobStatus.SUCCEEDED, late)) == 0
+    )
+    assert list(redis_client.scan_iter(match=f"{keys.result(gone.id)}*")) == []
+    assert not redis_client.exists(keys.job(gone.id))
+
+
+def test_finish_with_its_draft_missing_fails_before_it_writes(
+    redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = Keys(namespace)
+    job = make_job(reply_to=None)
+    key = _seed(redis_client, keys, job)
+    redis_client.hset(key, "status", "running")
+    draft = keys.result_draft(job.id)  # never written: Redis lost it
+    args = ["succeeded", 2.0, 60, b"", b"", "", b"", keys.events(job.id)]
+    with pytest.raises(redis.ResponseError, match="result draft"):
+        redis_client.eval(FINISH_SCRIPT, 3, key, draft, keys.result(job.id), *args)
+    record = redis_client.hgetall(key)
+    assert record[b"status"] == b"running"  # left to be run again
+    assert b"finished_at" not in record
+    assert redis_client.ttl(key) == -1
+
+
 def test_finish_does_not_recreate_an_expired_record(
     redis_client: redis.Redis, namespace: str
 ) -> None:
@@ -291,7 +401,8 @@ def test_a_record_without_its_core_fields_is_no_job() -> None:
 
 def test_every_script_touches_the_keys_of_one_hash_tag() -> None:
     # Redis Cluster runs a script only when all its keys share a slot; each of
-    # Hearth's scripts takes a single key, and the key names carry the tag.
+    # Hearth's scripts takes a single key but FINISH_SCRIPT, whose three are one
+    # job's, and the key names carry the tag.
     scripts = {
         name: source
         for name, source in vars(protocol).items()
@@ -301,7 +412,11 @@ def test_every_script_touches_the_keys_of_one_hash_tag() -> None:
     assert len(scripts) >= 6
     for name, source in scripts.items():
         assert "KEYS[1]" in source, name
-        assert "KEYS[2]" not in source, name
+        assert "KEYS[2]" not in source or name == "FINISH_SCRIPT", name
+        assert "KEYS[4]" not in source, name
+    keys = Keys("ns")
+    finish_keys = [keys.job("job_1"), keys.result_draft("job_1"), keys.result("job_1")]
+    assert {key_slot(key.encode()) for key in finish_keys} == {key_slot(b"{job_1}")}
 
 
 def test_a_listener_hands_a_large_message_on_without_formatting_it(

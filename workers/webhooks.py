@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import cast
 
 import httpx
 import orjson
@@ -27,7 +26,7 @@ from redis.asyncio import Redis
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hearth.settings import Settings
-from workers.protocol import WEBHOOK_STATUS_SCRIPT, Keys, absolute_urls, job_view
+from workers.protocol import WEBHOOK_STATUS_SCRIPT, Keys, absolute_urls, job_view, read_job
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ class WebhookSender:
 
     async def deliver(self, job_id: str, url: str) -> None:
         """POST the job as its record shows it, retrying; note how that went on the record."""
-        key = self.keys.job(job_id)
-        view = job_view(job_id, cast(dict[bytes, bytes], await self.redis.hgetall(key)))
+        view = job_view(job_id, await read_job(self.redis, self.keys, job_id))
         if view is None:  # expired already (a TTL shorter than the run): nothing to tell
             logger.warning("job %s: no webhook to %s, its record is gone", job_id, url)
             return
@@ -81,7 +79,7 @@ class WebhookSender:
         except (DeliveryFailed, httpx.HTTPError) as exc:
             status = "failed"
             logger.warning("job %s: webhook to %s failed for good: %s", job_id, url, exc)
-        await self.redis.eval(WEBHOOK_STATUS_SCRIPT, 1, key, status)
+        await self.redis.eval(WEBHOOK_STATUS_SCRIPT, 1, self.keys.job(job_id), status)
 
     async def _post(self, url: str, body: bytes, job_id: str) -> None:
         assert self._client is not None

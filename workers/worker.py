@@ -56,7 +56,6 @@ from workers.protocol import (
     CONSUMER_GROUP,
     EXPIRE_SCRIPT,
     EXPIRED_ERROR,
-    FINISH_SCRIPT,
     LEASE_SCRIPT,
     PROGRESS_SCRIPT,
     RETRY_SCRIPT,
@@ -70,8 +69,8 @@ from workers.protocol import (
     SentAhead,
     expire_args,
     listener,
+    queue_finish,
     queue_script,
-    reply_head,
 )
 from workers.webhooks import WebhookSender
 
@@ -812,26 +811,10 @@ class Worker:
     def _store(self, pipe: Any, job: Job, outcome: Outcome, started: float, now: float) -> int:
         """Queue the job's outcome on ``pipe``. Returns where, among the pipeline's
         replies, FINISH_SCRIPT's lands: 1 there when this outcome ended the job."""
+        ttl = self.settings.result_ttl_s
         for file_id, content in outcome.files.items():
-            pipe.set(self.keys.file(file_id), content, ex=self.settings.result_ttl_s)
-        error = orjson.dumps(outcome.error.to_dict()) if outcome.error else b""
-        index = len(pipe)
-        queue_script(
-            pipe,
-            FINISH_SCRIPT,
-            [self.keys.job(job.id)],
-            [
-                outcome.status.value,
-                now,
-                self.settings.result_ttl_s,
-                outcome.result or b"",
-                error,
-                job.reply_to or "",
-                reply_head(job.id, outcome, started, now) if job.reply_to else b"",
-                self.keys.events(job.id),
-            ],
-        )
-        return index
+            pipe.set(self.keys.file(file_id), content, ex=ttl)
+        return queue_finish(pipe, self.keys, job, outcome, ttl, started, now)
 
     def report_progress(self, job_ids: list[str], step: int, total: int) -> None:
         """Called on the event loop: record and announce a batch's progress."""
