@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -536,68 +536,87 @@ class Worker:
         thread that computed them. Returns where each job's FINISH_SCRIPT reply
         landed, and the replies.
 
-        The batch goes to the inference thread at once (or runs on the event
-        loop's, see ``_run_on_loop``), while its jobs are being
-        marked running: the marking's round trip overlaps the compute. The
-        thread waits for the marking's answer only once the compute is done,
+        The batch's marking (its jobs marked running) goes out first, on the
+        store connection, without waiting; the batch then goes to the inference
+        thread (or runs on the event loop's, see ``_run_on_loop``), and the
+        marking's answer, in by then, is read there once the compute is done:
+        the marking's round trip overlaps the compute, and no event loop work
+        contends with the compute's start for the interpreter. The thread then
         drops the results of jobs that must not run (cancelled meanwhile,
-        expired), and stores the others straight away, without handing back to
+        expired) and stores the others straight away, without handing back to
         the event loop first: on a small machine that hand-off cost a lone
         client more than the store itself. Embeddings report no steps; image
         jobs of synchronous requests have nobody watching their events.
         """
         loop = asyncio.get_running_loop()
         hooks = _Hooks(self, loop, batch.jobs)
+        marking = self._send_marking(batch.jobs)
         if self._on_loop:
-            return await self._run_on_loop(batch, hooks)
-        starts: Future[_Starts] = Future()
-        stored = loop.run_in_executor(self._executor, self._compute_and_store, batch, starts, hooks)
-        try:
-            started = await self._start_jobs(batch.jobs)
-        except BaseException as exc:
-            starts.set_exception(exc)  # the thread stores nothing; the batch stays pending
-            await asyncio.gather(stored, return_exceptions=True)
-            raise
-        starts.set_result(started)
+            return await self._run_on_loop(batch, marking, hooks)
+
+        def tell(job: Job) -> None:  # from the inference thread: webhooks live on the loop
+            if job.webhook:
+                loop.call_soon_threadsafe(self.webhooks.send, job.id, job.webhook)
+
+        return await loop.run_in_executor(
+            self._executor, self._compute_and_store, batch, marking, hooks, tell
+        )
+
+    def _send_marking(self, jobs: list[Job]) -> _Marking:
+        """Send the scripts that mark ``jobs`` running on the store connection; their
+        answer is read later (``_marked``)."""
+        now = time.time()
+        sent = SentAhead()
+        overdue = self._queue_starts(sent, jobs, now)
+        sent.send(self.store_redis)
+        return _Marking(sent, overdue, now)
+
+    def _marked(
+        self, batch: _Batch, marking: _Marking, tell: Callable[[Job], None] | None = None
+    ) -> _Starts:
+        """What the answer to ``marking`` says of ``batch``'s jobs (see ``_start_jobs``)."""
+        replies = marking.sent.replies()
+        started = self._starts(batch.jobs, marking.overdue, replies, marking.now, tell)
         self._observe_queued(batch, started.runnable)
-        return await stored
+        return started
 
     async def _run_on_loop(
-        self, batch: _Batch, hooks: BatchHooks
+        self, batch: _Batch, marking: _Marking, hooks: BatchHooks
     ) -> tuple[dict[str, int], list[Any]]:
         """``_run_unfollowed`` on the event loop's own thread, for a worker that
         holds no image pipeline.
 
-        The marking goes out first, on the store connection; its answer, in by
-        then, is read there once the compute is done (through the event loop's
-        pipeline it took 0.5-0.9 ms more: parsed reply by reply, over several
-        turns of the loop, after the compute). The batch pauses after each model
-        pass, so heartbeats and leases go on through a long one. A lone client's
-        request skips the hand-off to another thread, which on a 2-core machine
-        cost it half a millisecond.
+        Read through the event loop's pipeline instead, the marking's answer took
+        0.5-0.9 ms more: parsed reply by reply, over several turns of the loop,
+        after the compute. The batch pauses after each model pass, so heartbeats
+        and leases go on through a long one. A lone client's request skips the
+        hand-off to another thread, which on a 2-core machine cost it half a
+        millisecond.
         """
-        now = time.time()
-        marking = SentAhead()
-        overdue = self._queue_starts(marking, batch.jobs, now)
-        marking.send(self.store_redis)
         try:
             every, sizes = await step_through(
                 run_guarded(self.runners[batch.model_id], batch.jobs, hooks)
             )
         except BaseException:
-            marking.abandon()  # the batch was interrupted: nothing is stored
+            marking.sent.abandon()  # the batch was interrupted: nothing is stored
             raise
-        started = self._starts(batch.jobs, overdue, marking.replies(), now)
-        self._observe_queued(batch, started.runnable)
-        return self._store_computed(batch, started, every, sizes)
+        return self._store_computed(batch, self._marked(batch, marking), every, sizes)
 
     def _compute_and_store(
-        self, batch: _Batch, starts: Future[_Starts], hooks: BatchHooks
+        self,
+        batch: _Batch,
+        marking: _Marking,
+        hooks: BatchHooks,
+        tell: Callable[[Job], None],
     ) -> tuple[dict[str, int], list[Any]]:
         """On the inference thread: run every job of ``batch``, then store the
         outcomes of those its marking lets run (see ``_run_unfollowed``)."""
-        every, sizes = complete(run_guarded(self.runners[batch.model_id], batch.jobs, hooks))
-        return self._store_computed(batch, starts.result(), every, sizes)
+        try:
+            every, sizes = complete(run_guarded(self.runners[batch.model_id], batch.jobs, hooks))
+        except BaseException:
+            marking.sent.abandon()
+            raise
+        return self._store_computed(batch, self._marked(batch, marking, tell), every, sizes)
 
     def _store_computed(
         self, batch: _Batch, started: _Starts, every: list[Outcome], sizes: list[int]
@@ -773,14 +792,23 @@ class Worker:
         return overdue
 
     def _starts(
-        self, jobs: list[Job], overdue: list[Job], replies: list[Any], now: float
+        self,
+        jobs: list[Job],
+        overdue: list[Job],
+        replies: list[Any],
+        now: float,
+        tell: Callable[[Job], None] | None = None,
     ) -> _Starts:
-        """What the replies of ``_queue_starts``'s scripts say (see ``_start_jobs``)."""
+        """What the replies of ``_queue_starts``'s scripts say (see ``_start_jobs``).
+        ``tell`` tells a job's webhook, where this runs off the event loop."""
         for job, expired in zip(overdue, replies[: len(overdue)], strict=True):
             if expired:
                 self.metrics.jobs.labels(job.model, JobStatus.EXPIRED.value).inc()
                 if job.webhook:
-                    self.webhooks.send(job.id, job.webhook)
+                    if tell is not None:
+                        tell(job)
+                    else:
+                        self.webhooks.send(job.id, job.webhook)
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
         attempts: dict[str, int] = {}
@@ -900,6 +928,15 @@ class _Batch:
     jobs: list[Job]  # the entries that hold a readable job
     entry_of: dict[str, bytes]  # job id → its entry
     started: float  # time.time() when the batch began
+
+
+@dataclass(frozen=True)
+class _Marking:
+    """A batch's marking, sent and not yet answered (see ``Worker._send_marking``)."""
+
+    sent: SentAhead
+    overdue: list[Job]  # the jobs past their deadline, whose replies come first
+    now: float
 
 
 @dataclass(frozen=True)
