@@ -213,6 +213,14 @@ def test_finish_never_flips_a_terminal_status(redis_client: redis.Redis, namespa
     pubsub.close()
 
 
+def _running(client: redis.Redis, keys: Keys, reply_to: str | None = None) -> tuple[Job, str]:
+    """A job a worker is running: the job and its record's key."""
+    job = make_job(reply_to=reply_to)
+    key = _seed(client, keys, job)
+    client.hset(key, "status", "running")
+    return job, key
+
+
 def _finish_through_pipeline(
     client: redis.Redis, keys: Keys, job: Job, outcome: Outcome, now: float = 2.0
 ) -> int:
@@ -231,9 +239,7 @@ def test_a_large_result_is_kept_apart_and_the_reply_says_so(
     pubsub.subscribe(channel)
     pubsub.get_message(timeout=1)
     large = orjson.dumps({"data": [{"b64_json": "A" * protocol.RESULT_APART_BYTES}]})
-    job = make_job(reply_to=channel)
-    key = _seed(redis_client, keys, job)
-    redis_client.hset(key, "status", "running")
+    job, key = _running(redis_client, keys, channel)
     outcome = Outcome(JobStatus.SUCCEEDED, result=large)
 
     assert _finish_through_pipeline(redis_client, keys, job, outcome) == 1
@@ -264,9 +270,7 @@ def test_a_large_result_is_kept_apart_and_the_reply_says_so(
     assert view is not None and view["result"] == orjson.loads(large)
 
     # A small result stays in the record and in the reply, as before.
-    small = make_job(reply_to=channel)
-    key = _seed(redis_client, keys, small)
-    redis_client.hset(key, "status", "running")
+    small, key = _running(redis_client, keys, channel)
     done = Outcome(JobStatus.SUCCEEDED, result=b'{"data":[]}')
     assert _finish_through_pipeline(redis_client, keys, small, done) == 1
     message = pubsub.get_message(timeout=2)
@@ -281,9 +285,7 @@ def test_a_late_large_result_leaves_the_stored_one_alone(
     redis_client: redis.Redis, namespace: str
 ) -> None:
     keys = Keys(namespace)
-    job = make_job(reply_to=None)
-    key = _seed(redis_client, keys, job)
-    redis_client.hset(key, "status", "running")
+    job, _key = _running(redis_client, keys)
     first = b'"' + b"1" * protocol.RESULT_APART_BYTES + b'"'
     late = b'"' + b"2" * protocol.RESULT_APART_BYTES + b'"'
     assert (
@@ -308,9 +310,7 @@ def test_finish_with_its_draft_missing_fails_before_it_writes(
     redis_client: redis.Redis, namespace: str
 ) -> None:
     keys = Keys(namespace)
-    job = make_job(reply_to=None)
-    key = _seed(redis_client, keys, job)
-    redis_client.hset(key, "status", "running")
+    job, key = _running(redis_client, keys)
     draft = keys.result_draft(job.id)  # never written: Redis lost it
     args = ["succeeded", 2.0, 60, b"", b"", "", b"", keys.events(job.id)]
     with pytest.raises(redis.ResponseError, match="result draft"):
