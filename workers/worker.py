@@ -554,9 +554,8 @@ class Worker:
         if self._on_loop:
             return await self._run_on_loop(batch, marking, hooks)
 
-        def tell(job: Job) -> None:  # from the inference thread: webhooks live on the loop
-            if job.webhook:
-                loop.call_soon_threadsafe(self.webhooks.send, job.id, job.webhook)
+        def tell(job_id: str, url: str) -> None:  # from the inference thread: to the loop
+            loop.call_soon_threadsafe(self.webhooks.send, job_id, url)
 
         return await loop.run_in_executor(
             self._executor, self._compute_and_store, batch, marking, hooks, tell
@@ -572,7 +571,7 @@ class Worker:
         return _Marking(sent, overdue, now)
 
     def _marked(
-        self, batch: _Batch, marking: _Marking, tell: Callable[[Job], None] | None = None
+        self, batch: _Batch, marking: _Marking, tell: Callable[[str, str], None] | None = None
     ) -> _Starts:
         """What the answer to ``marking`` says of ``batch``'s jobs (see ``_start_jobs``)."""
         replies = marking.sent.replies()
@@ -607,7 +606,7 @@ class Worker:
         batch: _Batch,
         marking: _Marking,
         hooks: BatchHooks,
-        tell: Callable[[Job], None],
+        tell: Callable[[str, str], None],
     ) -> tuple[dict[str, int], list[Any]]:
         """On the inference thread: run every job of ``batch``, then store the
         outcomes of those its marking lets run (see ``_run_unfollowed``)."""
@@ -797,18 +796,17 @@ class Worker:
         overdue: list[Job],
         replies: list[Any],
         now: float,
-        tell: Callable[[Job], None] | None = None,
+        tell: Callable[[str, str], None] | None = None,
     ) -> _Starts:
         """What the replies of ``_queue_starts``'s scripts say (see ``_start_jobs``).
-        ``tell`` tells a job's webhook, where this runs off the event loop."""
+        ``tell`` tells a job's webhook in place of ``webhooks.send``, where this
+        runs off the event loop."""
+        tell = tell or self.webhooks.send
         for job, expired in zip(overdue, replies[: len(overdue)], strict=True):
             if expired:
                 self.metrics.jobs.labels(job.model, JobStatus.EXPIRED.value).inc()
                 if job.webhook:
-                    if tell is not None:
-                        tell(job)
-                    else:
-                        self.webhooks.send(job.id, job.webhook)
+                    tell(job.id, job.webhook)
         runnable: list[Job] = []
         ended: dict[str, Outcome] = {}
         attempts: dict[str, int] = {}
