@@ -84,6 +84,7 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
     import uvicorn
 
     from app.main import create_app
+    from hearth.http import HttpProtocol
 
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
@@ -101,7 +102,7 @@ def api(host: HostOption = None, port: PortOption = None) -> None:
         host=host or settings.host,
         port=port or settings.port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's records go through Hearth's own (JSON) handler
         access_log=False,
