@@ -30,8 +30,8 @@ from workers.protocol import (
     JobStatus,
     JobType,
     Keys,
+    Line,
     Outcome,
-    SentAhead,
     expire_args,
     job_view,
     listener,
@@ -448,25 +448,19 @@ def test_a_listener_hands_a_large_message_on_without_formatting_it(
     assert not [record for record in caplog.records if record.name == "push_response"]
 
 
-def one_connection_client(redis_url: str) -> redis.Redis:
-    """A client whose every command goes through one connection: what one user of
-    it leaves unread, the next one would read."""
-    return redis.Redis(
-        connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=1)
-    )
-
-
-def test_scripts_sent_ahead_answer_in_order_once_read(redis_url: str, namespace: str) -> None:
-    client = one_connection_client(redis_url)
+def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> None:
+    line = Line(redis_url)
     try:
-        sent = SentAhead()
+        pipe = line.pipeline()
         for value in ("a", "b", "c"):
-            queue_script(sent, "return ARGV[1]", [], [value])
-        sent.send(client)
+            queue_script(pipe, "return ARGV[1]", [], [value])
+        sent = line.send(pipe)
         assert sent.replies() == [b"a", b"b", b"c"]
-        assert client.ping() is True  # released, and clean
+        pipe = line.pipeline()
+        pipe.echo("next")
+        assert line.execute(pipe) == [b"next"]  # nothing left unread before it
     finally:
-        client.close()
+        line.close()
 
 
 def test_an_error_reply_is_raised_once_every_reply_is_read(
@@ -474,27 +468,47 @@ def test_an_error_reply_is_raised_once_every_reply_is_read(
 ) -> None:
     key = f"{namespace}:a-hash"
     redis_client.hset(key, "field", "value")
-    client = one_connection_client(redis_url)
+    line = Line(redis_url)
     try:
-        sent = SentAhead()
-        queue_script(sent, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
-        queue_script(sent, "return ARGV[1]", [], ["after"])
-        sent.send(client)
+        pipe = line.pipeline()
+        queue_script(pipe, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
+        queue_script(pipe, "return ARGV[1]", [], ["after"])
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            sent.replies()
+            line.execute(pipe)
         # The reply after the error was read too: the next command gets its own.
-        assert client.echo("next") == b"next"
+        pipe = line.pipeline()
+        pipe.echo("next")
+        assert line.execute(pipe) == [b"next"]
     finally:
-        client.close()
+        line.close()
 
 
-def test_abandoned_scripts_leave_no_reply_behind(redis_url: str, namespace: str) -> None:
-    client = one_connection_client(redis_url)
+def test_abandoned_commands_leave_no_reply_behind(redis_url: str) -> None:
+    line = Line(redis_url)
     try:
-        sent = SentAhead()
-        queue_script(sent, "return ARGV[1]", [], ["stale"])
-        sent.send(client)
-        sent.abandon()
-        assert client.echo("fresh") == b"fresh"
+        pipe = line.pipeline()
+        queue_script(pipe, "return ARGV[1]", [], ["stale"])
+        line.send(pipe).abandon()
+        pipe = line.pipeline()
+        pipe.echo("fresh")
+        assert line.execute(pipe) == [b"fresh"]
     finally:
-        client.close()
+        line.close()
+
+
+def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    line = Line(redis_url)
+    try:
+        pipe = line.pipeline()
+        pipe.client_id()
+        (first,) = line.execute(pipe)
+        assert redis_client.client_kill_filter(_id=first) == 1
+        time.sleep(0.1)  # the server's close reaches the socket
+        pipe = line.pipeline()
+        pipe.client_id()
+        (second,) = line.execute(pipe)  # no error: the closed connection was replaced
+        assert second != first
+    finally:
+        line.close()

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import orjson
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -65,8 +64,9 @@ from workers.protocol import (
     JobError,
     JobStatus,
     Keys,
+    Line,
     Outcome,
-    SentAhead,
+    Sent,
     expire_args,
     listener,
     queue_finish,
@@ -216,7 +216,7 @@ class Worker:
         )
         # The connection that stores the outcomes of the batches nobody follows
         # step by step, from the thread that computed them (see _run_unfollowed).
-        self.store_redis = SyncRedis.from_url(
+        self.store_line = Line(
             settings.redis_url,
             socket_connect_timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s,
@@ -537,7 +537,7 @@ class Worker:
         landed, and the replies.
 
         The batch's marking (its jobs marked running) goes out first, on the
-        store connection, without waiting; the batch then goes to the inference
+        store line, without waiting; the batch then goes to the inference
         thread (or runs on the event loop's, see ``_run_on_loop``), and the
         marking's answer, in by then, is read there once the compute is done:
         the marking's round trip overlaps the compute, and no event loop work
@@ -562,13 +562,12 @@ class Worker:
         )
 
     def _send_marking(self, jobs: list[Job]) -> _Marking:
-        """Send the scripts that mark ``jobs`` running on the store connection; their
+        """Send the scripts that mark ``jobs`` running on the store line; their
         answer is read later (``_marked``)."""
         now = time.time()
-        sent = SentAhead()
-        overdue = self._queue_starts(sent, jobs, now)
-        sent.send(self.store_redis)
-        return _Marking(sent, overdue, now)
+        pipe = self.store_line.pipeline()
+        overdue = self._queue_starts(pipe, jobs, now)
+        return _Marking(self.store_line.send(pipe), overdue, now)
 
     def _marked(
         self, batch: _Batch, marking: _Marking, tell: Callable[[str, str], None] | None = None
@@ -620,7 +619,7 @@ class Worker:
     def _store_computed(
         self, batch: _Batch, started: _Starts, every: list[Outcome], sizes: list[int]
     ) -> tuple[dict[str, int], list[Any]]:
-        """Store, through the store connection, the outcomes of the jobs that
+        """Store, through the store line, the outcomes of the jobs that
         ``started`` lets run (``every`` holds one per job of ``batch``), and wait
         for Redis's answer."""
         by_id = dict(zip((job.id for job in batch.jobs), every, strict=True))
@@ -628,9 +627,9 @@ class Worker:
         outcomes.update((job.id, by_id[job.id]) for job in started.runnable)
         if not started.runnable:
             sizes = []  # nothing it computed is kept: no pass to count
-        pipe = self.store_redis.pipeline(transaction=False)
+        pipe = self.store_line.pipeline()
         finishes = self._queue_store(pipe, batch, outcomes, started, sizes)
-        return finishes, pipe.execute()
+        return finishes, self.store_line.execute(pipe)
 
     async def _run_followed(self, batch: _Batch) -> tuple[dict[str, int], list[Any]]:
         """Run a batch whose jobs' steps a client may follow: marked running first,
@@ -663,7 +662,7 @@ class Worker:
         started: _Starts,
         sizes: list[int],
     ) -> dict[str, int]:
-        """Queue on ``pipe`` (the event loop's or the store connection's) every
+        """Queue on ``pipe`` (the event loop's or the store line's) every
         outcome of ``batch``, another attempt for those that may retry, the
         acknowledgement of its entries and its pass sizes. Returns where each
         FINISH_SCRIPT reply lands among the pipeline's replies."""
@@ -914,7 +913,7 @@ class Worker:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
         await self.redis.aclose()
-        self.store_redis.close()
+        self.store_line.close()
 
 
 @dataclass(frozen=True)
@@ -932,7 +931,7 @@ class _Batch:
 class _Marking:
     """A batch's marking, sent and not yet answered (see ``Worker._send_marking``)."""
 
-    sent: SentAhead
+    sent: Sent
     overdue: list[Job]  # the jobs past their deadline, whose replies come first
     now: float
 
