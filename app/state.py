@@ -33,9 +33,10 @@ class AppState:
     rate_limiter: AsyncScript  # the token bucket script
 
     async def close_connections(self) -> None:
-        """Close every Redis client this state holds."""
-        for client in (self.redis, self.dispatcher.submits, self.subscriber):
-            await client.aclose()  # twice for one client (no separate submits) is harmless
+        """Close every Redis client and connection this state holds."""
+        for client in (self.redis, self.subscriber):
+            await client.aclose()
+        await self.dispatcher.submits.close()  # done already when the dispatcher stopped
 
     def model(self, model_id: str, kind: ModelKind | None = None) -> ModelSpec:
         """The served model ``model_id`` (or aliased so): 404 when unknown, 400 when of

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 import pytest
+import redis
 from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -193,6 +194,27 @@ def test_a_burst_of_submits_shares_pipelines_and_each_gets_its_own_reply(
     for reply in replies:
         assert reply["id"] == reply["job"]
         assert orjson.loads(reply["result"]) == {"id": reply["job"]}
+
+
+def test_submits_go_on_once_redis_closed_their_connection(
+    redis_url: str, namespace: str, redis_client: redis.Redis
+) -> None:
+    keys = Keys(namespace)
+
+    async def body(dispatcher: Dispatcher, client: Redis) -> list[str]:
+        first = make_job(dispatcher.channel)
+        assert await dispatcher.submit(first) == first.id
+        # Every plain connection but the killer's: the submits' one among them.
+        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+        await asyncio.sleep(0.1)  # the close reaches the dispatcher's sockets
+        later = [make_job(dispatcher.channel) for _ in range(3)]
+        assert await asyncio.gather(*(dispatcher.submit(job) for job in later)) == [
+            job.id for job in later
+        ]
+        return [job.id for job in await taken_jobs(client, keys, 4)]
+
+    taken = with_dispatcher(redis_url, namespace, body)
+    assert len(taken) == len(set(taken)) == 4
 
 
 @pytest.mark.parametrize("result", RESULTS, ids=["small", "large"])
