@@ -458,7 +458,7 @@ def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> No
         assert sent.replies() == [b"a", b"b", b"c"]
         pipe = line.pipeline()
         pipe.echo("next")
-        assert line.execute(pipe) == [b"next"]  # nothing left unread before it
+        assert line.send(pipe).replies() == [b"next"]  # nothing left unread before it
     finally:
         line.close()
 
@@ -474,11 +474,11 @@ def test_an_error_reply_is_raised_once_every_reply_is_read(
         queue_script(pipe, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
         queue_script(pipe, "return ARGV[1]", [], ["after"])
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            line.execute(pipe)
+            line.send(pipe).replies()
         # The reply after the error was read too: the next command gets its own.
         pipe = line.pipeline()
         pipe.echo("next")
-        assert line.execute(pipe) == [b"next"]
+        assert line.send(pipe).replies() == [b"next"]
     finally:
         line.close()
 
@@ -491,7 +491,7 @@ def test_abandoned_commands_leave_no_reply_behind(redis_url: str) -> None:
         line.send(pipe).abandon()
         pipe = line.pipeline()
         pipe.echo("fresh")
-        assert line.execute(pipe) == [b"fresh"]
+        assert line.send(pipe).replies() == [b"fresh"]
     finally:
         line.close()
 
@@ -503,12 +503,12 @@ def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
     try:
         pipe = line.pipeline()
         pipe.client_id()
-        (first,) = line.execute(pipe)
+        (first,) = line.send(pipe).replies()
         assert redis_client.client_kill_filter(_id=first) == 1
         time.sleep(0.1)  # the server's close reaches the socket
         pipe = line.pipeline()
         pipe.client_id()
-        (second,) = line.execute(pipe)  # no error: the closed connection was replaced
+        (second,) = line.send(pipe).replies()  # no error: the closed connection was replaced
         assert second != first
     finally:
         line.close()

@@ -390,10 +390,6 @@ class Line:
             raise
         return Sent(connection, len(commands))
 
-    def execute(self, pipe: Any) -> list[Any]:
-        """Send the commands gathered on ``pipe`` and read their replies."""
-        return self.send(pipe).replies()
-
     def close(self) -> None:
         self._connection.disconnect()
         self._client.close()

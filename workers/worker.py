@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -496,16 +496,19 @@ class Worker:
         waiting for the one before it to finish is held, not abandoned, and no
         other worker may take it over meanwhile.
         """
+        loop = asyncio.get_running_loop()
+        after_s = self.settings.reclaim_after_s / 3
         holds = [
-            asyncio.create_task(self._keep_claimed(self.keys.stream(model_id), entries))
+            _Hold(loop, after_s, self._keep_claimed, self.keys.stream(model_id), entries)
             for model_id, entries in batches
         ]
         try:
             for (model_id, entries), hold in zip(batches, holds, strict=True):
                 await self._run_batch(model_id, entries)
-                hold.cancel()
+                await hold.release()
         finally:
-            await cancel_and_wait(holds)
+            for hold in holds:
+                await hold.release()
 
     async def _run_batch(self, model_id: str, entries: Entries) -> None:
         """Start, run, store and acknowledge one batch of one model's entries."""
@@ -574,9 +577,7 @@ class Worker:
     ) -> _Starts:
         """What the answer to ``marking`` says of ``batch``'s jobs (see ``_start_jobs``)."""
         replies = marking.sent.replies()
-        started = self._starts(batch.jobs, marking.overdue, replies, marking.now, tell)
-        self._observe_queued(batch, started.runnable)
-        return started
+        return self._starts(batch.jobs, marking.overdue, replies, marking.now, tell)
 
     async def _run_on_loop(
         self, batch: _Batch, marking: _Marking, hooks: BatchHooks
@@ -628,8 +629,12 @@ class Worker:
         if not started.runnable:
             sizes = []  # nothing it computed is kept: no pass to count
         pipe = self.store_line.pipeline()
-        finishes = self._queue_store(pipe, batch, outcomes, started, sizes)
-        return finishes, self.store_line.execute(pipe)
+        stored = self._queue_store(pipe, batch, outcomes, started, sizes)
+        sent = self.store_line.send(pipe)
+        # Counted while Redis stores: the metrics wait, the client does not.
+        self._observe_queued(batch, started.runnable)
+        self._count(batch, stored)
+        return stored.finishes, sent.replies()
 
     async def _run_followed(self, batch: _Batch) -> tuple[dict[str, int], list[Any]]:
         """Run a batch whose jobs' steps a client may follow: marked running first,
@@ -645,8 +650,10 @@ class Worker:
             # Progress reports queued during the run land before the outcome does.
             await asyncio.gather(*self._progress_writes, return_exceptions=True)
         pipe = self.redis.pipeline(transaction=False)
-        finishes = self._queue_store(pipe, batch, outcomes, started, sizes)
-        return finishes, await pipe.execute()
+        stored = self._queue_store(pipe, batch, outcomes, started, sizes)
+        replies = await pipe.execute()
+        self._count(batch, stored)
+        return stored.finishes, replies
 
     def _observe_queued(self, batch: _Batch, runnable: list[Job]) -> None:
         for job in runnable:
@@ -661,14 +668,16 @@ class Worker:
         outcomes: dict[str, Outcome],
         started: _Starts,
         sizes: list[int],
-    ) -> dict[str, int]:
+    ) -> _Stored:
         """Queue on ``pipe`` (the event loop's or the store line's) every
         outcome of ``batch``, another attempt for those that may retry, the
         acknowledgement of its entries and its pass sizes. Returns where each
-        FINISH_SCRIPT reply lands among the pipeline's replies."""
+        FINISH_SCRIPT reply lands among the pipeline's replies, and what the
+        metrics count once the store is on its way (``_count``)."""
         now = time.time()
         model_id = batch.model_id
         finishes: dict[str, int] = {}
+        statuses: list[JobStatus] = []
         for job in batch.jobs:
             outcome = outcomes.get(job.id)
             if outcome is None:
@@ -680,8 +689,7 @@ class Worker:
             if outcome.retryable:
                 outcome = self._give_up(pipe, job, outcome, attempts)
             finishes[job.id] = self._store(pipe, job, outcome, batch.started, now)
-            self.metrics.jobs.labels(model_id, outcome.status.value).inc()
-            self.metrics.run_seconds.labels(model_id).observe(now - batch.started)
+            statuses.append(outcome.status)
         # An entry whose job another live worker is running stays where it is: that
         # worker acknowledges it, or, should it die, the next one takes it over.
         held_elsewhere = {batch.entry_of[job_id] for job_id in started.busy}
@@ -692,8 +700,16 @@ class Worker:
             pipe.xdel(stream, *done)
         for size in sizes:
             pipe.hincrby(self.keys.batch_sizes(model_id), str(size), 1)
-            self.metrics.batch_size.labels(model_id).observe(size)
-        return finishes
+        return _Stored(finishes, statuses, sizes, now)
+
+    def _count(self, batch: _Batch, stored: _Stored) -> None:
+        """Count a batch's stored outcomes and passes in the worker's metrics."""
+        metrics, model_id = self.metrics, batch.model_id
+        for status in stored.statuses:
+            metrics.jobs.labels(model_id, status.value).inc()
+            metrics.run_seconds.labels(model_id).observe(stored.at - batch.started)
+        for size in stored.sizes:
+            metrics.batch_size.labels(model_id).observe(size)
 
     def _unfollowed(self, model_id: str, jobs: list[Job]) -> bool:
         """Whether no client follows these jobs' steps (see ``_Hooks``)."""
@@ -706,10 +722,11 @@ class Worker:
         the leases of their running jobs fresh, so no other worker takes them over.
 
         Only entries still this worker's are refreshed: one that another worker
-        took over while this one was stalled is left to it.
+        took over while this one was stalled is left to it. Started a third of a
+        lease after the read (see ``_Hold``), it refreshes at once, then every
+        third of a lease.
         """
         lease_s = self.settings.reclaim_after_s
-        await asyncio.sleep(lease_s / 3)  # most batches are done by then: nothing to do
         entry_ids = [entry_id for entry_id, _ in entries]
         job_keys = [self.keys.job(job_id) for job_id in map(_job_id, entries) if job_id]
         while True:
@@ -934,6 +951,49 @@ class _Marking:
     sent: Sent
     overdue: list[Job]  # the jobs past their deadline, whose replies come first
     now: float
+
+
+class _Hold:
+    """Entries kept claimed while their batch waits and runs (``Worker._keep_claimed``),
+    from a third of a lease on: most batches are done by then, and until then
+    the hold is a timer, not a task, so a lone request's batch starts without
+    one more task to create and step through first."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        after_s: float,
+        keep: Callable[[str, Entries], Coroutine[Any, Any, None]],
+        stream: str,
+        entries: Entries,
+    ) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._timer = loop.call_later(after_s, self._start, loop, keep, stream, entries)
+
+    def _start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        keep: Callable[[str, Entries], Coroutine[Any, Any, None]],
+        stream: str,
+        entries: Entries,
+    ) -> None:
+        self._task = loop.create_task(keep(stream, entries))
+
+    async def release(self) -> None:
+        """Stop keeping the entries (again: harmless)."""
+        self._timer.cancel()
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A batch's store, queued (see ``Worker._queue_store``)."""
+
+    finishes: dict[str, int]  # job id → where its FINISH_SCRIPT reply lands
+    statuses: list[JobStatus]  # of the outcomes stored, for the metrics
+    sizes: list[int]  # the batch's passes, images or texts each
+    at: float  # time.time() of the store
 
 
 @dataclass(frozen=True)
