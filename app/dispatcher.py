@@ -32,7 +32,6 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import Overloaded, Unavailable
@@ -42,6 +41,7 @@ from workers.protocol import (
     EXPIRE_SCRIPT,
     FINISH_SCRIPT,
     TERMINAL_STATUSES,
+    HeldConnection,
     Job,
     JobError,
     JobStatus,
@@ -84,60 +84,6 @@ class _Waiter:
     submitted: bool = False  # the job's record is written: from then on, a missing one was lost
 
 
-class Submitter:
-    """The connection an API process sends its submit pipelines on, one at a time.
-
-    A lone request's submit went through a pooled connection and redis-py's
-    pipeline: taking the connection from the pool (and its checks), queueing,
-    executing and giving it back cost it 0.1-0.2 ms on a 2-core machine
-    (stacks alternated, demo-dit 64x64), more than the round trip itself. This
-    sends the packed commands on one connection held for them and reads the
-    replies, with the checks that matter kept: a connection the server closed
-    (a restart) is opened again before sending, a connection error is retried
-    as the client's retry policy says, and a pipeline that fails or times out
-    midway closes the connection, so that none of its replies is read later as
-    another's. The dispatcher's flushes take turns on it (``Dispatcher._flushing``).
-    """
-
-    def __init__(self, client: Redis) -> None:
-        pool = client.connection_pool
-        self._connection = pool.connection_class(**pool.connection_kwargs)
-
-    async def exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` at once; their replies in order, an error reply as its exception."""
-        connection = self._connection
-        try:
-            replies: list[Any] = await connection.retry.call_with_retry(
-                lambda: self._exchange(commands), lambda _error: connection.disconnect()
-            )
-        except BaseException:
-            await connection.disconnect(nowait=True)  # replies may still come
-            raise
-        return replies
-
-    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        connection = self._connection
-        await connection.connect()  # type: ignore[no-untyped-call]  # at once when connected
-        try:
-            stale = await connection.can_read()
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            stale = True
-        if stale:  # closed by the server, or holding what nobody asked for
-            await connection.disconnect()
-            await connection.connect()  # type: ignore[no-untyped-call]
-        await connection.send_packed_command(connection.pack_commands(commands))
-        replies: list[Any] = []
-        for _command in commands:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
-
-    async def close(self) -> None:
-        await self._connection.disconnect()
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -150,12 +96,13 @@ class Dispatcher:
         submit_timeout_s: float | None = None,
     ) -> None:
         self.redis = redis
-        # Submits go through a connection of ``submits`` (else ``redis``), their
-        # pipeline bounded by ``submit_timeout_s`` as a whole: a client whose
-        # connections time every reply they read (redis-py's socket timeout) spends
-        # a timer on each, three per job, and a submit pipeline under load holds
-        # dozens of jobs.
-        self.submits = Submitter(submits or redis)
+        # Submits go through a connection of ``submits`` (else ``redis``) held for
+        # them, their pipeline bounded by ``submit_timeout_s`` as a whole: a client
+        # whose connections time every reply they read (redis-py's socket timeout)
+        # spends a timer on each, three per job, and a submit pipeline under load
+        # holds dozens of jobs. Taking a pooled connection and redis-py's pipeline
+        # for each cost a lone request 0.1-0.2 ms on a 2-core machine.
+        self.submits = HeldConnection(submits or redis)
         self.submit_timeout_s = submit_timeout_s
         self.keys = keys
         self.result_ttl_s = result_ttl_s

@@ -25,6 +25,7 @@ from workers.protocol import (
     START_SCRIPT,
     TERMINAL_STATUSES,
     WEBHOOK_STATUS_SCRIPT,
+    HeldConnection,
     Job,
     JobError,
     JobStatus,
@@ -39,6 +40,7 @@ from workers.protocol import (
     queue_script,
     reply_head,
 )
+from workers.worker import _read_entries
 
 
 def make_job(**overrides: object) -> Job:
@@ -512,3 +514,53 @@ def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
         assert second != first
     finally:
         line.close()
+
+
+def test_a_held_connection_answers_in_order_and_goes_on_once_the_server_closed_it(
+    redis_url: str, redis_client: redis.Redis, namespace: str
+) -> None:
+    key = f"{namespace}:a-hash"
+    redis_client.hset(key, "field", "value")
+
+    async def scenario() -> list[list[Any]]:
+        client = AsyncRedis.from_url(redis_url)
+        held = HeldConnection(client)
+        try:
+            first = await held.exchange([("ECHO", "a"), ("INCR", key), ("CLIENT", "ID")])
+            assert redis_client.client_kill_filter(_id=first[2]) == 1
+            await asyncio.sleep(0.1)  # the server's close reaches the socket
+            return [first, await held.exchange([("ECHO", "b"), ("CLIENT", "ID")])]
+        finally:
+            await held.close()
+            await client.aclose()
+
+    first, second = run_on_own_thread(scenario)
+    assert first[0] == b"a"
+    assert isinstance(first[1], redis.ResponseError)  # WRONGTYPE, as a reply of its own
+    assert second[0] == b"b"
+    assert second[1] != first[2]  # a new connection
+
+
+@pytest.mark.parametrize("resp", [2, 3])
+def test_a_blocking_read_comes_in_the_shape_of_redis_py(
+    redis_url: str, redis_client: redis.Redis, namespace: str, resp: int
+) -> None:
+    stream = f"{namespace}:stream"
+    redis_client.xgroup_create(stream, "group", id="0", mkstream=True)
+    ids = [redis_client.xadd(stream, {"job": f"j{i}"}) for i in range(2)]
+
+    async def scenario() -> Any:
+        client = AsyncRedis.from_url(redis_url, protocol=resp)
+        held = HeldConnection(client)
+        try:
+            read = ("XREADGROUP", "GROUP", "group", "me", "COUNT", 5, "BLOCK", 100)
+            (reply,) = await held.exchange([(*read, "STREAMS", stream, ">")])
+            return reply
+        finally:
+            await held.close()
+            await client.aclose()
+
+    assert _read_entries(run_on_own_thread(scenario)) == [
+        (stream.encode(), [(ids[0], {b"job": b"j0"}), (ids[1], {b"job": b"j1"})])
+    ]
+    assert _read_entries(None) == []  # nothing came within the wait

@@ -59,6 +59,7 @@ from workers.protocol import (
     PROGRESS_SCRIPT,
     RETRY_SCRIPT,
     START_SCRIPT,
+    HeldConnection,
     InvalidJobInput,
     Job,
     JobError,
@@ -90,6 +91,21 @@ RETRY_PAUSE_S = 1.0
 CANCEL_MEMORY_S = 600.0  # how long a cancellation is remembered for a job not yet seen
 PENDING_MARGIN = 1000  # other pending entries of this worker a batch's range may hold
 CANCEL_AGAIN_S = 0.5  # how long a cancelled task may take before it is cancelled again
+
+
+def _read_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, Any]]]]:
+    """An XREADGROUP reply as it came (None, or each stream's entries as lists of
+    fields and values; a map of them in RESP3) in redis-py's shape: each stream
+    with its entries, an entry's fields a dict (None for an entry deleted since)."""
+    streams = reply.items() if isinstance(reply, dict) else (reply or [])
+    return [
+        (stream, [(entry_id, _pairs(fields)) for entry_id, fields in entries])
+        for stream, entries in streams
+    ]
+
+
+def _pairs(fields: list[bytes] | None) -> dict[bytes, bytes] | None:
+    return None if fields is None else dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _job_id(entry: tuple[bytes, dict[bytes, bytes]]) -> str | None:
@@ -214,6 +230,8 @@ class Worker:
             socket_timeout=settings.redis_timeout_s + READ_BLOCK_MS / 1000,
             health_check_interval=30,
         )
+        # The connection a worker waiting for work blocks on (see HeldConnection).
+        self._reads = HeldConnection(self.redis)
         # The connection that stores the outcomes of the batches nobody follows
         # step by step, from the thread that computed them (see _run_unfollowed).
         self.store_line = Line(
@@ -440,14 +458,15 @@ class Worker:
             return max(self._batch_limit(self._streams[stream]) - len(held.get(stream, [])), 1)
 
         if block_ms is not None:
-            reply = await self.redis.xreadgroup(
-                CONSUMER_GROUP,
-                self.name,
-                dict.fromkeys(streams, start),
-                count=1 if len(streams) > 1 else room(streams[0]),
-                block=block_ms,
+            count = 1 if len(streams) > 1 else room(streams[0])
+            read = ("XREADGROUP", "GROUP", CONSUMER_GROUP, self.name, "COUNT", count)
+            starts = [start] * len(streams)
+            (reply,) = await self._reads.exchange(
+                [(*read, "BLOCK", block_ms, "STREAMS", *streams, *starts)]
             )
-            replies = [reply]
+            if isinstance(reply, Exception):
+                raise reply
+            replies = [_read_entries(reply)]
         else:
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
@@ -929,6 +948,7 @@ class Worker:
         # Should Redis be unreachable, the heartbeat simply ages out.
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             await self.redis.hdel(self.keys.workers(), self.name)
+        await self._reads.close()
         await self.redis.aclose()
         self.store_line.close()
 
