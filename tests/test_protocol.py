@@ -450,6 +450,20 @@ def test_a_listener_hands_a_large_message_on_without_formatting_it(
     assert not [record for record in caplog.records if record.name == "push_response"]
 
 
+def ask(line: Line, *command: Any) -> list[Any]:
+    """The replies of one command sent on ``line``."""
+    pipe = line.pipeline()
+    pipe.execute_command(*command)
+    return line.send(pipe).replies()
+
+
+def a_hash(redis_client: redis.Redis, namespace: str) -> str:
+    """A key holding a hash: INCR on it fails with WRONGTYPE."""
+    key = f"{namespace}:a-hash"
+    redis_client.hset(key, "field", "value")
+    return key
+
+
 def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> None:
     line = Line(redis_url)
     try:
@@ -458,9 +472,7 @@ def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> No
             queue_script(pipe, "return ARGV[1]", [], [value])
         sent = line.send(pipe)
         assert sent.replies() == [b"a", b"b", b"c"]
-        pipe = line.pipeline()
-        pipe.echo("next")
-        assert line.send(pipe).replies() == [b"next"]  # nothing left unread before it
+        assert ask(line, "ECHO", "next") == [b"next"]  # nothing left unread before it
     finally:
         line.close()
 
@@ -468,8 +480,7 @@ def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> No
 def test_an_error_reply_is_raised_once_every_reply_is_read(
     redis_url: str, redis_client: redis.Redis, namespace: str
 ) -> None:
-    key = f"{namespace}:a-hash"
-    redis_client.hset(key, "field", "value")
+    key = a_hash(redis_client, namespace)
     line = Line(redis_url)
     try:
         pipe = line.pipeline()
@@ -478,9 +489,7 @@ def test_an_error_reply_is_raised_once_every_reply_is_read(
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
             line.send(pipe).replies()
         # The reply after the error was read too: the next command gets its own.
-        pipe = line.pipeline()
-        pipe.echo("next")
-        assert line.send(pipe).replies() == [b"next"]
+        assert ask(line, "ECHO", "next") == [b"next"]
     finally:
         line.close()
 
@@ -491,9 +500,7 @@ def test_abandoned_commands_leave_no_reply_behind(redis_url: str) -> None:
         pipe = line.pipeline()
         queue_script(pipe, "return ARGV[1]", [], ["stale"])
         line.send(pipe).abandon()
-        pipe = line.pipeline()
-        pipe.echo("fresh")
-        assert line.send(pipe).replies() == [b"fresh"]
+        assert ask(line, "ECHO", "fresh") == [b"fresh"]
     finally:
         line.close()
 
@@ -503,14 +510,10 @@ def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
 ) -> None:
     line = Line(redis_url)
     try:
-        pipe = line.pipeline()
-        pipe.client_id()
-        (first,) = line.send(pipe).replies()
+        (first,) = ask(line, "CLIENT", "ID")
         assert redis_client.client_kill_filter(_id=first) == 1
         time.sleep(0.1)  # the server's close reaches the socket
-        pipe = line.pipeline()
-        pipe.client_id()
-        (second,) = line.send(pipe).replies()  # no error: the closed connection was replaced
+        (second,) = ask(line, "CLIENT", "ID")  # no error: the closed connection was replaced
         assert second != first
     finally:
         line.close()
@@ -519,8 +522,7 @@ def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
 def test_a_held_connection_answers_in_order_and_goes_on_once_the_server_closed_it(
     redis_url: str, redis_client: redis.Redis, namespace: str
 ) -> None:
-    key = f"{namespace}:a-hash"
-    redis_client.hset(key, "field", "value")
+    key = a_hash(redis_client, namespace)
 
     async def scenario() -> list[list[Any]]:
         client = AsyncRedis.from_url(redis_url)
