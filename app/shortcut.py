@@ -6,19 +6,24 @@ deployment's traffic, and the framework's own work for such a request
 them) was a third of the API's CPU for it (0.17 of 0.50 ms per embedding
 request under load, on a 2-core machine). ``Shortcut`` takes a request to
 one of them from the middleware straight to its route's own ``prepare`` and
-``respond``: the body parsed as the route parses it (``json.loads``) and
-validated by the same model, the same answer, the errors turned into the
-same envelopes.
+``respond``: the body validated by the same model, the same answer, the
+errors turned into the same envelopes.
 
 Only a request the route would accept takes it. Anything else goes the full
 way, the body it read handed on as it came: a body that does not parse or
 validate, another content type, a path or method of another route. So every
 refusal of a malformed request is still the one the route documents.
+
+The model reads the body with pydantic's own JSON parser, where the route
+parses it with ``json.loads`` first: 58-60 µs instead of 85-88 for a lone
+image request on a 2-core machine (traced). It reads no JSON that
+``json.loads`` refuses, and reads the same values from what both read; what
+only ``json.loads`` reads (a byte order mark, UTF-16, ``NaN``) goes the full
+way, where the route reads it as it always did.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -100,10 +105,8 @@ class Shortcut:
 def _validated(model: type[BaseModel], body: bytes) -> BaseModel | None:
     """``body`` as the route would take it, or None where the route would refuse it."""
     try:
-        return model.model_validate(json.loads(body))
-    # json's decode errors are ValueErrors, as pydantic's ValidationError is; a body
-    # nested deeper than the parser goes raises RecursionError.
-    except (ValueError, RecursionError):
+        return model.model_validate_json(body)
+    except ValueError:  # pydantic's ValidationError, for JSON it cannot read too
         return None
 
 

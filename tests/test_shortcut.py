@@ -164,6 +164,25 @@ def test_what_the_route_would_refuse_goes_the_full_way(
     assert redis_client.exists(Keys(namespace).stream(MODEL)) == 0
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xef\xbb\xbf" + VALID,  # a byte order mark
+        VALID.decode().encode("utf-16"),
+        b'{"model": "all-minilm-l6-v2", "input": "x", "dimensions": NaN}',
+    ],
+    ids=["bom", "utf-16", "nan"],
+)
+def test_what_only_the_routes_parser_reads_goes_the_full_way(
+    settings: Settings, body: bytes
+) -> None:
+    assert json.loads(body)  # the route reads it: its answer, whatever it is, is the one
+    full_way = FullWay()
+    status, _, answer = call(settings, full_way, body)
+    assert (status, answer) == (299, b"full way")
+    assert full_way.calls == [("POST", "/v1/embeddings", body)]
+
+
 def test_content_types_the_route_reads_as_json(settings: Settings) -> None:
     for content_type in (
         b"application/json; charset=utf-8",
