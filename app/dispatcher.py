@@ -51,6 +51,7 @@ from workers.protocol import (
     listener,
     parse_reply,
     read_job,
+    script_call,
 )
 from workers.webhooks import WebhookSender
 
@@ -324,7 +325,7 @@ class Dispatcher:
                         commands.append(("EXPIRE", key, ttl))
                     stream = self.keys.stream(job.model)
                     commands.append(
-                        ("EVAL", ENQUEUE_SCRIPT, 1, stream, self.max_queue_depth, payload)
+                        script_call(ENQUEUE_SCRIPT, [stream], [self.max_queue_depth, payload])
                     )
                     sent.append((len(commands), future))  # the stream entry's id its last reply
                 replies = await self._execute_submits(commands) if sent else []

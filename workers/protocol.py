@@ -338,15 +338,20 @@ def listener(redis: Redis) -> PubSub:
     return redis.pubsub(ignore_subscribe_messages=True, push_handler_func=_as_received)
 
 
-def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
-    """Queue a Lua script on a pipeline as EVAL with its source.
+def script_call(source: str, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+    """The command that runs a Lua script: EVAL with its source.
 
     Redis keeps compiled scripts by their digest, so sending the source again
     costs little; a script registered with redis-py would instead make every
     pipeline that holds it ask Redis first whether it is loaded (one more round
     trip), and could meet NOSCRIPT after a Redis restart.
     """
-    pipe.eval(source, len(keys), *keys, *args)
+    return ("EVAL", source, len(keys), *keys, *args)
+
+
+def queue_script(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+    """Queue a Lua script on a pipeline (see ``script_call``)."""
+    pipe.execute_command(*script_call(source, keys, args))
 
 
 class Line:

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, cast
 
 import orjson
@@ -518,7 +519,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         after_s = self.settings.reclaim_after_s / 3
         holds = [
-            _Hold(loop, after_s, self._keep_claimed, self.keys.stream(model_id), entries)
+            _Hold(loop, after_s, partial(self._keep_claimed, self.keys.stream(model_id), entries))
             for model_id, entries in batches
         ]
         try:
@@ -983,21 +984,14 @@ class _Hold:
         self,
         loop: asyncio.AbstractEventLoop,
         after_s: float,
-        keep: Callable[[str, Entries], Coroutine[Any, Any, None]],
-        stream: str,
-        entries: Entries,
+        keep: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
+        self._loop = loop
         self._task: asyncio.Task[None] | None = None
-        self._timer = loop.call_later(after_s, self._start, loop, keep, stream, entries)
+        self._timer = loop.call_later(after_s, self._start, keep)
 
-    def _start(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        keep: Callable[[str, Entries], Coroutine[Any, Any, None]],
-        stream: str,
-        entries: Entries,
-    ) -> None:
-        self._task = loop.create_task(keep(stream, entries))
+    def _start(self, keep: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._task = self._loop.create_task(keep())
 
     async def release(self) -> None:
         """Stop keeping the entries (again: harmless)."""
