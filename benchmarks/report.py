@@ -202,13 +202,15 @@ def _row(row: Row) -> str:
     if peer is not None:
         cells += [
             f"{peer.rps:.1f}",
+            f"{peer.inputs_per_s:.0f}",
             _fmt(peer.p50_ms),
+            _fmt(peer.p90_ms),
             _fmt(peer.p99_ms),
             f"{peer.errors}/{peer.requests}",
             _fmt(row.vs_peer, 2),
         ]
     else:
-        cells += ["n/a"] * 5
+        cells += ["n/a"] * 7
     return f"| {' | '.join(cells)} |"
 
 
@@ -383,8 +385,8 @@ def render(
             "",
             "| conc. | Hearth req/s | inputs/s | p50 ms | p90 ms | p99 ms | errors | mean batch"
             " | raw at batch | Hearth / raw | raw best | Hearth / raw best | infinity req/s"
-            " | p50 ms | p99 ms | errors | Hearth / inf |",
-            "|" + "---:|" * 17,
+            " | inputs/s | p50 ms | p90 ms | p99 ms | errors | Hearth / inf |",
+            "|" + "---:|" * 19,
             *(_row(row) for row in rows if row.hearth.inputs == inputs),
         ]
     lines += _cpu_lines(rows, raw, torch_threads)
