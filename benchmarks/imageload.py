@@ -83,13 +83,19 @@ async def alternating(
     The two calls of a pair share the machine's speed of that moment, which on a
     shared machine drifts by tens of percent within a minute. Which side goes
     first alternates from one pair to the next, so that neither always follows
-    the other's idle. ``warmup`` pairs go first, unmeasured.
+    the other's idle. ``warmup`` pairs go first, unmeasured, taking turns too and
+    ending Hearth first: so every measured pair made raw first follows a raw call,
+    and every one made Hearth first follows a call through Hearth.
     """
     client = _Client(url)
     try:
         for seed in range(warmup):
-            raw(seed)
-            await client.post(request_body(model, size, steps, seed))
+            if (warmup - seed) % 2:
+                await client.post(request_body(model, size, steps, seed))
+                raw(seed)
+            else:
+                raw(seed)
+                await client.post(request_body(model, size, steps, seed))
         raw_ms: list[float] = []
         sent: list[Sent] = []
         for index, seed in enumerate(seeds):

@@ -61,6 +61,25 @@ class Overhead:
             for pair in zip(raw.ms, hearth.ms, strict=True)
         ]
 
+    def by_order(self) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """The (raw ms, Hearth ms) pairs made raw first, and those made Hearth first
+        (``imageload.alternating`` takes turns, raw first)."""
+        raw_first: list[tuple[float, float]] = []
+        hearth_first: list[tuple[float, float]] = []
+        for raw_round, hearth_round in zip(self.raw, self.hearth, strict=True):
+            for index, pair in enumerate(zip(raw_round.ms, hearth_round.ms, strict=True)):
+                (hearth_first if index % 2 else raw_first).append(pair)
+        return raw_first, hearth_first
+
+    @property
+    def own_kind_percent(self) -> float:
+        """Each side after its own kind: (Hearth p50 of the pairs made Hearth first /
+        raw p50 of those made raw first - 1) * 100. In either, the call before came
+        from the same side, so no other side's threads were still spinning."""
+        raw_first, hearth_first = self.by_order()
+        hearth = statistics.median(h for _, h in hearth_first)
+        return (hearth / statistics.median(r for r, _ in raw_first) - 1) * 100
+
     @property
     def percent(self) -> float:
         """The median over images of (Hearth ms / raw ms - 1) * 100, each image's two
@@ -171,6 +190,21 @@ def _overhead_rows(overheads: list[Overhead]) -> list[str]:
             " / ".join(f"{r.mean:.0f}" for r in o.raw),
             " / ".join(f"{r.mean:.0f}" for r in o.hearth),
         ]
+        rows.append(f"| {' | '.join(cells)} |")
+    return rows
+
+
+def _order_rows(overheads: list[Overhead]) -> list[str]:
+    rows = []
+    for o in overheads:
+        cells = [o.model, f"{o.size}x{o.size}"]
+        for pairs, hearth_first in zip(o.by_order(), (False, True), strict=True):
+            raw = statistics.median(r for r, _ in pairs)
+            hearth = statistics.median(h for _, h in pairs)
+            first, then = (hearth, raw) if hearth_first else (raw, hearth)
+            added = statistics.median(h - r for r, h in pairs)
+            cells += [f"{first:.1f}", f"{then:.1f}", f"{added:+.1f}"]
+        cells.append(f"{o.own_kind_percent:+.1f}%")
         rows.append(f"| {' | '.join(cells)} |")
     return rows
 
@@ -299,6 +333,20 @@ def render(
         "| all images | best rounds | added ms | raw round means | Hearth round means |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *_overhead_rows(overheads),
+        "",
+        "The same pairs by order (p50 ms). A pipeline call leaves its OpenMP threads "
+        "spinning for a few milliseconds before they sleep, and the next call's first "
+        "milliseconds share the cores with them: made raw first, Hearth's call starts while "
+        "this process's threads still spin; made Hearth first, the raw call starts while "
+        "the worker's do. Each order's added ms carries that cost on one side. After its "
+        "own kind compares Hearth's calls made first (after the previous pair's Hearth "
+        "call) with the raw calls made first (after the previous pair's raw call): each "
+        "side following itself, with no other side's threads spinning.",
+        "",
+        "| model | size | raw first: raw | then Hearth | added ms | Hearth first: Hearth "
+        "| then raw | added ms | after its own kind |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *_order_rows(overheads),
         "",
         "Where a Hearth request's time goes (mean ms, best Hearth round), from the client's "
         "clock and the job record's `created_at` (API), `started_at` and `finished_at` "

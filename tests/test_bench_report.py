@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pytest
+from imageload import PHASES
+from images_report import Batching, Memory, Overhead, Round, Setup
+from images_report import render as render_images
 from rawmodel import RawResult
 from report import Level, Raw, Row, render
 
@@ -28,9 +32,10 @@ def level(concurrency: int, rps: float, p50: float, p90: float, p99: float) -> L
 
 
 def table(section: str, title: str) -> list[list[str]]:
-    """The cells of the Markdown table under ``title``, header first, rule left out."""
+    """The cells of the Markdown table after the line that starts with ``title`` (and
+    a blank line), header first, rule left out."""
     lines = section.splitlines()
-    start = lines.index(title) + 2
+    start = next(i for i, line in enumerate(lines) if line.startswith(title)) + 2
     rows = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -58,3 +63,24 @@ def test_every_row_fills_every_column_and_the_peer_shows_its_percentiles() -> No
         "28.2",
     )
     assert set(without_peer[12:]) == {"n/a"}
+
+
+def test_image_pairs_split_by_order_and_each_side_after_its_own_kind() -> None:
+    # Two rounds of four pairs; alternating() makes pairs 0 and 2 raw first.
+    raw = [Round((50.0, 53.0, 50.0, 53.0)), Round((52.0, 55.0, 52.0, 55.0))]
+    hearth = [Round((56.0, 51.0, 56.0, 51.0)), Round((58.0, 53.0, 58.0, 53.0))]
+    overhead = Overhead("demo-dit", 64, raw, hearth, [0.0] * len(PHASES))
+
+    raw_first, hearth_first = overhead.by_order()
+    assert raw_first == [(50.0, 56.0), (50.0, 56.0), (52.0, 58.0), (52.0, 58.0)]
+    assert hearth_first == [(53.0, 51.0), (53.0, 51.0), (55.0, 53.0), (55.0, 53.0)]
+    # Hearth made first: p50 52; raw made first: p50 51.
+    assert overhead.own_kind_percent == pytest.approx((52.0 / 51.0 - 1) * 100)
+
+    setup = Setup("bench", 2, 64, 20, 4, {64: 4}, 2, 1, {"overhead": 0.0}, "n/a")
+    batching = Batching("demo-dit", 8, [10.0], [20.0], {1: 8}, {8: 1})
+    memory = Memory({"demo-dit": 400.0, "both": 410.0}, 5, True, 300.0, {"demo-dit": 600.0})
+    section = render_images(setup, [overhead], [batching], memory)
+    header, row = table(section, "The same pairs by order")
+    assert len(row) == len(header)
+    assert row[2:] == ["51.0", "57.0", "+6.0", "52.0", "54.0", "-2.0", "+2.0%"]
