@@ -198,10 +198,10 @@ def _order_rows(overheads: list[Overhead]) -> list[str]:
     rows = []
     for o in overheads:
         cells = [o.model, f"{o.size}x{o.size}"]
-        for pairs, hearth_first in zip(o.by_order(), (False, True), strict=True):
+        for pairs, made_hearth_first in zip(o.by_order(), (False, True), strict=True):
             raw = statistics.median(r for r, _ in pairs)
             hearth = statistics.median(h for _, h in pairs)
-            first, then = (hearth, raw) if hearth_first else (raw, hearth)
+            first, then = (hearth, raw) if made_hearth_first else (raw, hearth)
             added = statistics.median(h - r for r, h in pairs)
             cells += [f"{first:.1f}", f"{then:.1f}", f"{added:+.1f}"]
         cells.append(f"{o.own_kind_percent:+.1f}%")

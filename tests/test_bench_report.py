@@ -1,5 +1,6 @@
-"""The embeddings benchmark's Markdown tables (benchmarks/report.py): every row has
-a cell per column, and every contender shows the same measures."""
+"""The benchmarks' Markdown tables: the embeddings section (benchmarks/report.py),
+where every row has a cell per column and every contender shows the same
+measures, and the images section's pairs by order (benchmarks/images_report.py)."""
 
 from __future__ import annotations
 
