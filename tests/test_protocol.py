@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -450,6 +451,14 @@ def test_a_listener_hands_a_large_message_on_without_formatting_it(
     assert not [record for record in caplog.records if record.name == "push_response"]
 
 
+@pytest.fixture
+def line(redis_url: str) -> Iterator[Line]:
+    """A Line to the test Redis, closed after the test."""
+    held = Line(redis_url)
+    yield held
+    held.close()
+
+
 def ask(line: Line, *command: Any) -> list[Any]:
     """The replies of one command sent on ``line``."""
     pipe = line.pipeline()
@@ -464,59 +473,43 @@ def a_hash(redis_client: redis.Redis, namespace: str) -> str:
     return key
 
 
-def test_commands_sent_on_a_line_answer_in_order_once_read(redis_url: str) -> None:
-    line = Line(redis_url)
-    try:
-        pipe = line.pipeline()
-        for value in ("a", "b", "c"):
-            queue_script(pipe, "return ARGV[1]", [], [value])
-        sent = line.send(pipe)
-        assert sent.replies() == [b"a", b"b", b"c"]
-        assert ask(line, "ECHO", "next") == [b"next"]  # nothing left unread before it
-    finally:
-        line.close()
+def test_commands_sent_on_a_line_answer_in_order_once_read(line: Line) -> None:
+    pipe = line.pipeline()
+    for value in ("a", "b", "c"):
+        queue_script(pipe, "return ARGV[1]", [], [value])
+    sent = line.send(pipe)
+    assert sent.replies() == [b"a", b"b", b"c"]
+    assert ask(line, "ECHO", "next") == [b"next"]  # nothing left unread before it
 
 
 def test_an_error_reply_is_raised_once_every_reply_is_read(
-    redis_url: str, redis_client: redis.Redis, namespace: str
+    line: Line, redis_client: redis.Redis, namespace: str
 ) -> None:
     key = a_hash(redis_client, namespace)
-    line = Line(redis_url)
-    try:
-        pipe = line.pipeline()
-        queue_script(pipe, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
-        queue_script(pipe, "return ARGV[1]", [], ["after"])
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            line.send(pipe).replies()
-        # The reply after the error was read too: the next command gets its own.
-        assert ask(line, "ECHO", "next") == [b"next"]
-    finally:
-        line.close()
+    pipe = line.pipeline()
+    queue_script(pipe, "return redis.call('INCR', KEYS[1])", [key], [])  # WRONGTYPE
+    queue_script(pipe, "return ARGV[1]", [], ["after"])
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        line.send(pipe).replies()
+    # The reply after the error was read too: the next command gets its own.
+    assert ask(line, "ECHO", "next") == [b"next"]
 
 
-def test_abandoned_commands_leave_no_reply_behind(redis_url: str) -> None:
-    line = Line(redis_url)
-    try:
-        pipe = line.pipeline()
-        queue_script(pipe, "return ARGV[1]", [], ["stale"])
-        line.send(pipe).abandon()
-        assert ask(line, "ECHO", "fresh") == [b"fresh"]
-    finally:
-        line.close()
+def test_abandoned_commands_leave_no_reply_behind(line: Line) -> None:
+    pipe = line.pipeline()
+    queue_script(pipe, "return ARGV[1]", [], ["stale"])
+    line.send(pipe).abandon()
+    assert ask(line, "ECHO", "fresh") == [b"fresh"]
 
 
 def test_a_line_the_server_closed_opens_a_new_connection_before_sending(
-    redis_url: str, redis_client: redis.Redis
+    line: Line, redis_client: redis.Redis
 ) -> None:
-    line = Line(redis_url)
-    try:
-        (first,) = ask(line, "CLIENT", "ID")
-        assert redis_client.client_kill_filter(_id=first) == 1
-        time.sleep(0.1)  # the server's close reaches the socket
-        (second,) = ask(line, "CLIENT", "ID")  # no error: the closed connection was replaced
-        assert second != first
-    finally:
-        line.close()
+    (first,) = ask(line, "CLIENT", "ID")
+    assert redis_client.client_kill_filter(_id=first) == 1
+    time.sleep(0.1)  # the server's close reaches the socket
+    (second,) = ask(line, "CLIENT", "ID")  # no error: the closed connection was replaced
+    assert second != first
 
 
 def test_a_held_connection_answers_in_order_and_goes_on_once_the_server_closed_it(
