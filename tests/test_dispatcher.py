@@ -55,7 +55,9 @@ def with_dispatcher(
     redis_url: str, namespace: str, body: Callable[[Dispatcher, Redis], Awaitable[T]]
 ) -> T:
     async def go() -> T:
-        client = Redis.from_url(redis_url)
+        # Named after the test's namespace: a test can tell its own connections from
+        # those of the tests that share the server.
+        client = Redis.from_url(redis_url, client_name=namespace)
         dispatcher = Dispatcher(client, Keys(namespace), result_ttl_s=60, max_queue_depth=1000)
         await dispatcher.start()
         try:
@@ -204,8 +206,12 @@ def test_submits_go_on_once_redis_closed_their_connection(
     async def body(dispatcher: Dispatcher, client: Redis) -> list[str]:
         first = make_job(dispatcher.channel)
         assert await dispatcher.submit(first) == first.id
-        # Every plain connection but the killer's: the submits' one among them.
-        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+        # Every connection of this dispatcher's client: the submits' one among them.
+        (submits,) = await dispatcher.submits.exchange([("CLIENT", "ID")])
+        own = [c["id"] for c in redis_client.client_list() if c["name"] == namespace]
+        assert str(submits) in own
+        for client_id in own:
+            assert redis_client.client_kill_filter(_id=client_id) == 1
         await asyncio.sleep(0.1)  # the close reaches the dispatcher's sockets
         later = [make_job(dispatcher.channel) for _ in range(3)]
         assert await asyncio.gather(*(dispatcher.submit(job) for job in later)) == [

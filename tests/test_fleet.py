@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import orjson
 import redis
 from redis.asyncio import Redis
 
 from app.fleet import Fleet
+from hearth.embedded_redis import EmbeddedRedis
 from tests.support import run_on_own_thread
 from workers.protocol import Keys
 
@@ -47,30 +49,38 @@ def test_live_workers_are_those_with_a_fresh_heartbeat_and_stale_ones_are_pruned
 
 
 def test_requests_asking_at_once_share_one_read_and_a_leaving_one_ends_none(
-    redis_url: str, redis_client: redis.Redis, namespace: str
+    tmp_path: Path,
 ) -> None:
-    keys = Keys(namespace)
-    redis_client.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
+    # Reads are counted by the server: a private one, which no other test reads from.
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    counter = redis.Redis.from_url(server.url)
+    keys = Keys("fleet")
+    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
 
     async def main() -> tuple[list[list[str]], int, int]:
-        client = Redis.from_url(redis_url)
+        client = Redis.from_url(server.url)
         try:
             fleet = Fleet(client, keys, ttl_s=10)
-            before = hgetall_calls(redis_client)
+            before = hgetall_calls(counter)
             leaving = asyncio.ensure_future(fleet.holders("a"))
             asking = [asyncio.ensure_future(fleet.holders("a")) for _ in range(40)]
             await asyncio.sleep(0)
             leaving.cancel()
             answers = await asyncio.gather(*asking)
-            first = hgetall_calls(redis_client) - before
+            first = hgetall_calls(counter) - before
             # Within the cache's second: no read at all.
             await fleet.holders("a")
-            cached = hgetall_calls(redis_client) - before
+            cached = hgetall_calls(counter) - before
             return answers, first, cached
         finally:
             await client.aclose()
 
-    answers, reads, cached_reads = run_on_own_thread(main)
+    try:
+        answers, reads, cached_reads = run_on_own_thread(main)
+    finally:
+        counter.close()
+        server.stop()
     assert answers == [["w1"]] * 40
     assert reads == 1
     assert cached_reads == 1
