@@ -37,8 +37,11 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/hearth serve
 
+# Two processes: much of the suite waits on the processes it starts (a worker
+# imports torch and loads its model), which a second runner fills. A file's
+# tests stay together, in order, in one of them.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check app workers models hearth tests benchmarks
