@@ -1,7 +1,8 @@
 """Fixtures: a real Redis, and a running Hearth (API + worker) against it.
 
 Redis comes from REDIS_URL, else the machine's 127.0.0.1:6379. Every test
-session works in its own key namespace and removes its keys afterwards.
+works in its own key namespace and removes its keys afterwards; a test that
+stops Redis or counts what it serves takes a private server instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 import redis
 from playwright.sync_api import Browser, sync_playwright
 
+from hearth.embedded_redis import EmbeddedRedis
 from tests.support import Process, free_ports, hearth_env, start_api, wait_for
 
 MODEL = "all-minilm-l6-v2"
@@ -48,6 +50,16 @@ def redis_url() -> str:
             f"Redis at {url} does not answer ({exc}); start it or set REDIS_URL", returncode=3
         )
     return url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis-protocol server of this test's own, for a test that stops it, restarts
+    it or counts what it serves, which the shared one would mix with other tests'."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -399,12 +398,11 @@ def test_reading_a_queued_job_past_its_deadline_ends_it_expired(
 
 
 def test_a_submit_to_a_redis_that_stopped_answering_fails_within_its_timeout(
-    tmp_path: Path,
+    private_redis: EmbeddedRedis,
 ) -> None:
     # Submits go through connections that time a pipeline as a whole, not reply by
     # reply; a Redis that takes the request and never answers still fails it in time.
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
+    server = private_redis
     assert server.process is not None
 
     async def go() -> tuple[type[BaseException], float, str]:
@@ -428,10 +426,7 @@ def test_a_submit_to_a_redis_that_stopped_answering_fails_within_its_timeout(
             await submits.aclose()
             await client.aclose()
 
-    try:
-        kind, waited, message = run_on_own_thread(go)
-    finally:
-        server.stop()
+    kind, waited, message = run_on_own_thread(go)
     assert issubclass(kind, RedisTimeoutError)
     assert "within 0.5 s" in message
     assert 0.4 < waited < 3

@@ -52,9 +52,8 @@ class Site:
 
 
 @pytest.fixture
-def site(demo_store: Path, tmp_path: Path) -> Iterator[Site]:
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
+def site(demo_store: Path, private_redis: EmbeddedRedis, tmp_path: Path) -> Iterator[Site]:
+    server = private_redis
     env = hearth_env(
         REDIS_URL=server.url,
         HEARTH_NAMESPACE=NAMESPACE,
@@ -77,7 +76,6 @@ def site(demo_store: Path, tmp_path: Path) -> Iterator[Site]:
         for process in site.processes:
             process.stop()
         client.close()
-        server.stop()
 
 
 def submit(

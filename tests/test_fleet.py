@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import orjson
 import redis
@@ -49,11 +48,10 @@ def test_live_workers_are_those_with_a_fresh_heartbeat_and_stale_ones_are_pruned
 
 
 def test_requests_asking_at_once_share_one_read_and_a_leaving_one_ends_none(
-    tmp_path: Path,
+    private_redis: EmbeddedRedis,
 ) -> None:
     # Reads are counted by the server: a private one, which no other test reads from.
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
+    server = private_redis
     counter = redis.Redis.from_url(server.url)
     keys = Keys("fleet")
     counter.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
@@ -80,7 +78,6 @@ def test_requests_asking_at_once_share_one_read_and_a_leaving_one_ends_none(
         answers, reads, cached_reads = run_on_own_thread(main)
     finally:
         counter.close()
-        server.stop()
     assert answers == [["w1"]] * 40
     assert reads == 1
     assert cached_reads == 1
