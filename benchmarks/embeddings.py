@@ -12,7 +12,9 @@
    that give its best throughput; drives infinity-emb with the same load.
    Each level's numbers are compared with the raw timings taken next to them,
    so that the machine's drift does not pass for a difference.
-3. Prints the tables and writes the Embeddings section of the results file.
+3. At concurrency 1, once more: pairs of one Hearth request and one raw call of
+   the same sentence, request by request (``latency_pairs``).
+4. Prints the tables and writes the Embeddings section of the results file.
 
 Run: .venv/bin/python benchmarks/embeddings.py [--duration 10] [--concurrency 1,8,32,64]
      [--inputs 1,16] [--no-infinity]
@@ -38,7 +40,10 @@ from typing import Any
 
 import psutil
 import redis
+import uvloop
 import wakeup
+from httpclient import Connection, address, post_request
+from loadgen import request_bodies
 from peers import Infinity, packaged_model_dir, wait_until_answers
 from rawmodel import RawModel
 from report import BEST_RAW_BATCHES, IDLE_MS, Level, Raw, Row, render, write_section
@@ -205,6 +210,57 @@ class Contenders:
             self.hearth.wait_ready()
 
 
+def latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tuple[float, float]]:
+    """(Hearth ms, raw ms) of ``pairs`` pairs at concurrency 1: one sentence sent
+    to Hearth, and the same sentence embedded by the raw model.
+
+    Each measured call comes right after an unmeasured call of its own kind, so
+    that both sides run back to back, as they do on their own (a Hearth request
+    right after a raw call took about 0.8 ms longer, a raw call right after a
+    Hearth request about 0.5 ms longer). The two measured calls of a pair lie
+    milliseconds apart and share the machine's speed of that moment, which
+    drifts by tens of percent from one second to the next: p50s of stretches a
+    few seconds long, taken in turn, put the same Hearth from 4.7 ms faster to
+    8.2 ms slower than the raw call. The side that goes first alternates.
+    """
+    return uvloop.run(_latency_pairs(url, raw_model, pairs))
+
+
+async def _latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tuple[float, float]]:
+    host, port, path = address(url, "/v1/embeddings")
+    requests = [post_request(host, port, path, body) for body in request_bodies(MODEL_ID, 1)]
+    connection = Connection(host, port)
+
+    async def hearth(sentence: int) -> float:
+        started = time.perf_counter()
+        response = await connection.send(requests[sentence % len(requests)], PAIR_TIMEOUT_S)
+        ms = (time.perf_counter() - started) * 1000
+        if response.status != 200:
+            raise RuntimeError(f"Hearth answered {response.status}: {response.body[:300]!r}")
+        return ms
+
+    try:
+        for sentence in range(PAIR_WARMUP):
+            await hearth(sentence)
+            raw_model.call_ms(sentence)
+        measured: list[tuple[float, float]] = []
+        for pair in range(pairs):
+            if pair % 2 == 0:
+                raw_model.call_ms(pair)
+                raw_ms = raw_model.call_ms(pair)
+                await hearth(pair)
+                hearth_ms = await hearth(pair)
+            else:
+                await hearth(pair)
+                hearth_ms = await hearth(pair)
+                raw_model.call_ms(pair)
+                raw_ms = raw_model.call_ms(pair)
+            measured.append((hearth_ms, raw_ms))
+        return measured
+    finally:
+        connection.close()
+
+
 def run_level(
     url: str, path: str, concurrency: int, inputs: int, warmup_s: float, duration_s: float
 ) -> dict[str, Any]:
@@ -265,11 +321,11 @@ def command_line() -> str:
     return shlex.join([str(python), *sys.argv])
 
 
-# Concurrency 1 against the raw call, once more: this many pairs of short
-# stretches, Hearth's and the raw model's in turn, each PAIR_S seconds measured.
-LATENCY_PAIRS = 6
-PAIR_S = 3.0
-PAIR_WARMUP_S = 1.0
+# Concurrency 1 against the raw call, once more, request by request: this many
+# pairs of one Hearth request and one raw call, after PAIR_WARMUP unmeasured ones.
+LATENCY_PAIRS = 200
+PAIR_WARMUP = 20
+PAIR_TIMEOUT_S = 30.0
 
 # A level's measured window holds at least this many rounds of every client.
 ROUNDS_PER_WINDOW = 3
@@ -391,26 +447,8 @@ def main() -> None:
             raw.p50_ms = min(raw.p50_ms, again)
             raw.idle_p50_ms = min(raw.idle_p50_ms, idle_again)
 
-            def hearth_p50() -> float:
-                with hearth_only:
-                    summary = run_level(stack.url, "/v1/embeddings", 1, 1, PAIR_WARMUP_S, PAIR_S)
-                return float(summary["p50_ms"])
-
-            def raw_p50() -> float:
-                with everyone_else:
-                    return raw_model.latency_ms(PAIR_WARMUP_S, PAIR_S)
-
-            # Then short stretches of each in turn, the side that goes first changing:
-            # p50s taken seconds apart share the machine's speed of that moment, which
-            # drifts between minutes.
-            for pair in range(LATENCY_PAIRS):
-                if pair % 2 == 0:
-                    hearth_ms = hearth_p50()
-                    raw_ms = raw_p50()
-                else:
-                    raw_ms = raw_p50()
-                    hearth_ms = hearth_p50()
-                raw.paired.append((hearth_ms, raw_ms))
+            with hearth_only:
+                raw.paired = latency_pairs(stack.url, raw_model, LATENCY_PAIRS)
         foreign = started.foreign_share(CpuSample.now())
         peer_versions = (
             f"infinity-emb {infinity.version} (torch {infinity.torch_version})"

@@ -6,6 +6,7 @@ line in, one JSON line out, so the benchmark can time it between its other
 measurements, under the same conditions as they ran:
 
     {"op": "latency", "warmup": 1.0, "seconds": 5.0, "idle_ms": 0}  → {"p50_ms": ...}
+    {"op": "call", "sentence": 7} → {"ms": ...}  (one call of that one sentence)
     {"op": "throughput", "batch": 32, "seconds": 3.0} → {"texts_per_s": ..., "ms_per_call": ...}
 
 ``RawModel`` starts it and talks to it; run as a script it is the server.
@@ -78,6 +79,10 @@ class RawModel:
         answer = self._ask(op="latency", warmup=warmup_s, seconds=seconds, idle_ms=idle_ms)
         return float(answer["p50_ms"])
 
+    def call_ms(self, sentence: int) -> float:
+        """Ms of one batch-1 call of sentence ``sentence`` (benchmarks/sentences.py, cycled)."""
+        return float(self._ask(op="call", sentence=sentence)["ms"])
+
     def throughput(self, batch_size: int, seconds: float) -> RawResult:
         """Texts per second of back-to-back calls of ``batch_size`` texts."""
         answer = self._ask(op="throughput", batch=batch_size, seconds=seconds)
@@ -146,6 +151,10 @@ def _serve() -> None:
         request = json.loads(line)
         if request["op"] == "latency":
             answer = latency(request["warmup"], request["seconds"], request.get("idle_ms", 0.0))
+        elif request["op"] == "call":
+            started = time.perf_counter()
+            model.embed(batch(1, int(request["sentence"])))
+            answer = {"ms": (time.perf_counter() - started) * 1000}
         else:
             answer = throughput(int(request["batch"]), request["seconds"])
         print(json.dumps(answer), flush=True)

@@ -93,12 +93,13 @@ class Raw:
     timings: list[RawResult] = field(default_factory=list)
     p50_ms: float = float("nan")
     idle_p50_ms: float = float("nan")
-    # (Hearth p50, raw p50) of short stretches at concurrency 1, measured in turn
+    # (Hearth ms, raw ms) of pairs at concurrency 1, one request and one call of the
+    # same sentence, measured in turn (embeddings.latency_pairs)
     paired: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def paired_added_ms(self) -> float | None:
-        """The median over pairs of Hearth's p50 minus the raw call's; None without pairs."""
+        """The median over pairs of Hearth's ms minus the raw call's; None without pairs."""
         if not self.paired:
             return None
         return statistics.median(hearth - raw for hearth, raw in self.paired)
@@ -264,16 +265,21 @@ def _verdict(met: bool) -> str:
 def _paired_lines(raw: Raw) -> list[str]:
     if not raw.paired:
         return []
-    pairs = ", ".join(f"{hearth:.2f} / {raw_ms:.2f}" for hearth, raw_ms in raw.paired)
+    hearth_ms, raw_ms = zip(*raw.paired, strict=True)
+    added = [hearth - raw_call for hearth, raw_call in raw.paired]
+    low, _, high = statistics.quantiles(added, n=4)
     return [
         "",
-        "Concurrency 1 against the raw call, measured in turn: after the levels, short "
-        "stretches of Hearth at concurrency 1 (one sentence per request) and of the raw "
-        "batch-1 call back to back alternate, the side that goes first changing each time, so "
-        "that each pair shares the machine's speed of that moment (it drifts by 10-20% from "
-        "one minute to the next, more than the milliseconds measured). Hearth / raw p50 ms "
-        f"per pair: {pairs}; the median of Hearth - raw over the pairs: "
-        f"{raw.paired_added_ms:.2f} ms.",
+        f"Concurrency 1 against the raw call, request by request: after the levels, "
+        f"{len(raw.paired)} pairs of one Hearth request and one raw batch-1 call of the same "
+        "sentence. Each measured call comes right after an unmeasured one of its own kind "
+        "(raw, raw, Hearth, Hearth; the next pair Hearth first), so both sides run back to "
+        "back as they do alone, and the two measured calls of a pair lie milliseconds apart, "
+        "sharing the machine's speed of that moment (it drifts by tens of percent from one "
+        f"second to the next, more than the milliseconds measured). p50: Hearth "
+        f"{statistics.median(hearth_ms):.2f} ms, raw {statistics.median(raw_ms):.2f} ms; "
+        f"Hearth - raw per pair: median {raw.paired_added_ms:.2f} ms (quartiles "
+        f"{low:.2f} to {high:.2f}).",
     ]
 
 

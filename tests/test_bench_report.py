@@ -66,6 +66,27 @@ def test_every_row_fills_every_column_and_the_peer_shows_its_percentiles() -> No
     assert set(without_peer[12:]) == {"n/a"}
 
 
+def test_concurrency_one_is_judged_by_the_median_of_its_pairs_differences() -> None:
+    near = [RawResult(1, 80.0, 12.5)]
+    rows = [Row(level(1, 70.0, 14.0, 17.0, 21.7), None, near)]
+    # Differences 1, 2, 3, 4 and 9 ms: median 3; the p50s alone would give 16 - 12 = 4.
+    pairs = [(13.0, 12.0), (20.0, 18.0), (14.0, 11.0), (16.0, 12.0), (19.0, 10.0)]
+    raw = Raw(timings=near, p50_ms=10.0, paired=pairs)
+    section = render("bench", "model", 2, 0.0, rows, raw, "peer 1.0", "n/a")
+
+    assert "5 pairs of one Hearth request and one raw batch-1 call" in section
+    assert "p50: Hearth 16.00 ms, raw 12.00 ms" in section
+    assert "median 3.00 ms (quartiles 1.50 to 6.50)" in section
+    verdict = next(line for line in section.splitlines() if "concurrency 1:" in line)
+    assert "the median of 5 pairs measured in turn: 3.00 ms" in verdict
+    assert "**met**" in verdict and "14.00 - 10.00 = 4.00 ms" in verdict
+
+    worse = [(hearth + 0.5, raw_ms) for hearth, raw_ms in pairs]
+    section = render("bench", "model", 2, 0.0, rows, Raw(near, 10.0, paired=worse), "p", "n/a")
+    verdict = next(line for line in section.splitlines() if "concurrency 1:" in line)
+    assert "3.50 ms (target ≤ 3 ms): **NOT met**" in verdict
+
+
 def test_image_pairs_split_by_order_and_each_side_after_its_own_kind() -> None:
     # Two rounds of four pairs; alternating() makes pairs 0 and 2 raw first.
     raw = [Round((50.0, 53.0, 50.0, 53.0)), Round((52.0, 55.0, 52.0, 55.0))]
