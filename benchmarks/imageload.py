@@ -77,34 +77,44 @@ async def alternating(
     warmup: int,
     raw: Callable[[int], float],
 ) -> tuple[list[float], list[Sent]]:
-    """Each seed's image made twice, back to back: by ``raw`` (in this process,
-    returning its ms) and through Hearth, one request at a time.
+    """Each seed's image made by ``raw`` (in this process, returning its ms) and
+    through Hearth, one request at a time, each measured call right after an
+    unmeasured one of its own kind: raw, raw, Hearth, Hearth for one seed, then
+    Hearth, Hearth, raw, raw for the next.
 
-    The two calls of a pair share the machine's speed of that moment, which on a
-    shared machine drifts by tens of percent within a minute. Which side goes
-    first alternates from one pair to the next, so that neither always follows
-    the other's idle. ``warmup`` pairs go first, unmeasured, taking turns too and
-    ending Hearth first: so every measured pair made raw first follows a raw call,
-    and every one made Hearth first follows a call through Hearth.
+    The two measured calls of a pair lie a moment apart and share the machine's
+    speed of that moment, which on a shared machine drifts by tens of percent
+    within a minute. Each follows a call of its own side, as it does when that
+    side makes images back to back: a pipeline call leaves its OpenMP threads
+    spinning for milliseconds after it, and a call right after the other
+    side's would start while that side's threads still spin. ``warmup`` pairs
+    go first, unmeasured.
     """
     client = _Client(url)
+
+    async def hearth(seed: int) -> Sent:
+        """The measured request, after an unmeasured one on a new connection: the
+        raw calls between two pairs' requests may outlast the server's keep-alive
+        (uvicorn's: 5 s)."""
+        client.connection.close()
+        await client.post(request_body(model, size, steps, seed))
+        return await client.post(request_body(model, size, steps, seed))
+
     try:
         for seed in range(warmup):
-            if (warmup - seed) % 2:
-                await client.post(request_body(model, size, steps, seed))
-                raw(seed)
-            else:
-                raw(seed)
-                await client.post(request_body(model, size, steps, seed))
+            await hearth(seed)
+            raw(seed)
         raw_ms: list[float] = []
         sent: list[Sent] = []
         for index, seed in enumerate(seeds):
             if index % 2:
-                sent.append(await client.post(request_body(model, size, steps, seed)))
+                sent.append(await hearth(seed))
+                raw(seed)
                 raw_ms.append(raw(seed))
             else:
+                raw(seed)
                 raw_ms.append(raw(seed))
-                sent.append(await client.post(request_body(model, size, steps, seed)))
+                sent.append(await hearth(seed))
         return raw_ms, sent
     finally:
         client.close()
@@ -142,28 +152,25 @@ PHASES = (
 def job_phases(client: redis.Redis, namespace: str, model: str, calls: list[Sent]) -> list[float]:
     """Mean ms per phase (see ``PHASES``) of ``calls``, sequential requests for ``model``.
 
-    Jobs are matched to calls in order of creation: the records of ``model``
-    created between the first send and the last answer. Times come from the
-    job record (``created_at`` in the API, ``started_at`` and ``finished_at``
-    in the worker) and from the client; all are this machine's wall clock.
+    Each call's job is the record of ``model`` created while the call was out
+    (between its send and its answer). Times come from the job record
+    (``created_at`` in the API, ``started_at`` and ``finished_at`` in the
+    worker) and from the client; all are this machine's wall clock.
     """
     keys = client.scan_iter(match=f"{namespace}:job:*")
     records = [cast(dict[bytes, bytes], client.hgetall(key)) for key in keys]
-    chosen = sorted(
-        (
-            record
-            for record in records
-            if record[b"model"].decode() == model
-            and calls[0].sent_at <= float(record[b"created_at"]) <= calls[-1].received_at
-        ),
-        key=lambda record: float(record[b"created_at"]),
-    )
-    if len(chosen) != len(calls):
-        raise RuntimeError(f"found {len(chosen)} job records for {len(calls)} requests")
+    of_model = [record for record in records if record[b"model"].decode() == model]
     totals = [0.0] * len(PHASES)
-    for call, record in zip(calls, chosen, strict=True):
+    for call in calls:
+        mine = [
+            record
+            for record in of_model
+            if call.sent_at <= float(record[b"created_at"]) <= call.received_at
+        ]
+        if len(mine) != 1:
+            raise RuntimeError(f"found {len(mine)} job records for one request, not 1")
         created, started, finished = (
-            float(record[name]) for name in (b"created_at", b"started_at", b"finished_at")
+            float(mine[0][name]) for name in (b"created_at", b"started_at", b"finished_at")
         )
         marks = (call.sent_at, created, started, finished, call.received_at)
         for index in range(len(PHASES)):

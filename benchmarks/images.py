@@ -5,7 +5,8 @@
    benchmarks/embeddings.py), with the same torch thread count as this process.
 2. Overhead, per model at two sizes (--size and --large-size): one image at a
    time, each made in this process through ImageRunner (PNG encoding included,
-   as in the worker) and through `POST /v1/images/generations` back to back;
+   as in the worker) and through `POST /v1/images/generations` a moment
+   apart, each measured call right after an unmeasured one of its own kind;
    the median of the pairs' ratios is the overhead. The job records split
    Hearth's time into phases.
 3. Batching, per model: images/s through Hearth at concurrency 8 against 1,

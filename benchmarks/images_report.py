@@ -72,19 +72,11 @@ class Overhead:
         return raw_first, hearth_first
 
     @property
-    def own_kind_percent(self) -> float:
-        """Each side after its own kind: (Hearth p50 of the pairs made Hearth first /
-        raw p50 of those made raw first - 1) * 100. In either, the call before came
-        from the same side, so no other side's threads were still spinning."""
-        raw_first, hearth_first = self.by_order()
-        hearth = statistics.median(h for _, h in hearth_first)
-        return (hearth / statistics.median(r for r, _ in raw_first) - 1) * 100
-
-    @property
     def percent(self) -> float:
         """The median over images of (Hearth ms / raw ms - 1) * 100, each image's two
-        calls made back to back: the overhead, free of the machine's drift between
-        minutes, which a comparison of separate rounds is not."""
+        calls made a moment apart, each after one of its own kind: the overhead,
+        free of the machine's drift between minutes, which a comparison of separate
+        rounds is not."""
         return statistics.median((h / r - 1) * 100 for r, h in self._pairs())
 
     @property
@@ -204,7 +196,6 @@ def _order_rows(overheads: list[Overhead]) -> list[str]:
             first, then = (hearth, raw) if made_hearth_first else (raw, hearth)
             added = statistics.median(h - r for r, h in pairs)
             cells += [f"{first:.1f}", f"{then:.1f}", f"{added:+.1f}"]
-        cells.append(f"{o.own_kind_percent:+.1f}%")
         rows.append(f"| {' | '.join(cells)} |")
     return rows
 
@@ -316,8 +307,12 @@ def render(
         "Raw is `ImageRunner.run([job], NoHooks())` in this process: the pipeline call plus "
         "PNG and base64 encoding, as the worker runs it. Hearth is `POST "
         "/v1/images/generations` (`b64_json`), one request at a time. Per model and size, "
-        f"{setup.rounds} rounds ({per_size} images) make each image twice, back to back: "
-        "raw then Hearth, or Hearth then raw, in turn; unmeasured pairs go first "
+        f"{setup.rounds} rounds ({per_size} images) make each image both ways, each "
+        "measured call right after an unmeasured one of its own kind: raw, raw, Hearth, "
+        "Hearth, then Hearth, Hearth, raw, raw for the next image, and so on. A pipeline "
+        "call leaves its OpenMP threads spinning for milliseconds after it: so neither side "
+        "starts while the other's threads spin, and each runs as it does making images back "
+        "to back. Unmeasured pairs go first "
         f"({setup.warmup} before the first round, 1 before the others). Overhead = the "
         "median over images of Hearth's time over raw's for the same image, minus 1: the "
         "two calls of a pair share the machine's speed of that moment, which drifts by tens "
@@ -334,18 +329,14 @@ def render(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *_overhead_rows(overheads),
         "",
-        "The same pairs by order (p50 ms). A pipeline call leaves its OpenMP threads "
-        "spinning for a few milliseconds before they sleep, and the next call's first "
-        "milliseconds share the cores with them: made raw first, Hearth's call starts while "
-        "this process's threads still spin; made Hearth first, the raw call starts while "
-        "the worker's do. Each order's added ms carries that cost on one side. After its "
-        "own kind compares Hearth's calls made first (after the previous pair's Hearth "
-        "call) with the raw calls made first (after the previous pair's raw call): each "
-        "side following itself, with no other side's threads spinning.",
+        "The same pairs by which side went first (p50 ms): raw, raw, Hearth, Hearth, or "
+        "Hearth, Hearth, raw, raw. Both orders measure each side after its own kind; "
+        "where they disagree, the side that went first was helped or hurt by what the "
+        "other side left behind two calls earlier.",
         "",
         "| model | size | raw first: raw | then Hearth | added ms | Hearth first: Hearth "
-        "| then raw | added ms | after its own kind |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| then raw | added ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         *_order_rows(overheads),
         "",
         "Where a Hearth request's time goes (mean ms, best Hearth round), from the client's "
