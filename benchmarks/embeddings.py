@@ -217,7 +217,7 @@ def latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tuple[float
     Each measured call comes right after an unmeasured call of its own kind, so
     that both sides run back to back, as they do on their own (a Hearth request
     right after a raw call took about 0.8 ms longer, a raw call right after a
-    Hearth request about 0.5 ms longer). The two measured calls of a pair lie
+    Hearth request 0.4-0.8 ms longer). The two measured calls of a pair lie
     milliseconds apart and share the machine's speed of that moment, which
     drifts by tens of percent from one second to the next: p50s of stretches a
     few seconds long, taken in turn, put the same Hearth from 4.7 ms faster to
