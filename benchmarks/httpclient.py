@@ -15,6 +15,7 @@ generators run it on.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -86,13 +87,22 @@ class _Protocol(asyncio.Protocol):
             self.waiter.set_exception(exc)
 
 
-class Connection:
-    """One keep-alive connection to ``host:port``, reopened when the server closes it."""
+# A connection left idle this long is opened anew before the next request: the
+# server may be closing it (uvicorn's keep-alive timeout is 5 s), and a request
+# written while it closes gets no answer.
+IDLE_S = 4.0
 
-    def __init__(self, host: str, port: int) -> None:
+
+class Connection:
+    """One keep-alive connection to ``host:port``, reopened when the server closes
+    it or it sat idle ``idle_s``."""
+
+    def __init__(self, host: str, port: int, idle_s: float = IDLE_S) -> None:
         self.host = host
         self.port = port
+        self.idle_s = idle_s
         self._protocol: _Protocol | None = None
+        self._last_used = float("-inf")  # time.monotonic() of the last answer
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -104,7 +114,12 @@ class Connection:
     async def send(self, request: bytes, timeout_s: float) -> Response:
         """Send a prepared request (see ``post_request``) and wait for its whole response."""
         protocol = self._protocol
-        if protocol is None or protocol.transport is None or not protocol.keep_alive:
+        if (
+            protocol is None
+            or protocol.transport is None
+            or not protocol.keep_alive
+            or time.monotonic() - self._last_used > self.idle_s
+        ):
             self.close()
             protocol = self._protocol = await self._open()
         assert protocol.transport is not None
@@ -112,10 +127,12 @@ class Connection:
         protocol.transport.write(request)
         try:
             async with asyncio.timeout(timeout_s):
-                return await protocol.waiter
+                response = await protocol.waiter
         except BaseException:
             self.close()  # a response may still arrive: this connection is not reused
             raise
+        self._last_used = time.monotonic()
+        return response
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

@@ -93,10 +93,7 @@ async def alternating(
     client = _Client(url)
 
     async def hearth(seed: int) -> Sent:
-        """The measured request, after an unmeasured one on a new connection: the
-        raw calls between two pairs' requests may outlast the server's keep-alive
-        (uvicorn's: 5 s)."""
-        client.connection.close()
+        """The measured request, after an unmeasured one."""
         await client.post(request_body(model, size, steps, seed))
         return await client.post(request_body(model, size, steps, seed))
 

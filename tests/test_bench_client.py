@@ -115,6 +115,25 @@ def test_a_closed_connection_is_opened_again(server: tuple[EchoApp, int], run: R
     assert len(app.clients) == 2
 
 
+def test_a_connection_idle_too_long_is_opened_again(server: tuple[EchoApp, int], run: Run) -> None:
+    app, port = server
+
+    async def scenario() -> list[Response]:
+        connection = Connection(HOST, port, idle_s=0.2)
+        try:
+            first = await connection.send(request(port, "/echo", b"1"), 5.0)
+            soon = await connection.send(request(port, "/echo", b"2"), 5.0)
+            await asyncio.sleep(0.3)
+            late = await connection.send(request(port, "/echo", b"3"), 5.0)
+            return [first, soon, late]
+        finally:
+            connection.close()
+
+    responses = run(scenario())
+    assert [r.body for r in responses] == [b"/echo 1", b"/echo 2", b"/echo 3"]
+    assert len(app.clients) == 2  # the first two shared one connection, the third a new one
+
+
 def test_the_status_comes_back_as_sent(server: tuple[EchoApp, int], run: Run) -> None:
     _, port = server
     (response,) = send_in_turn(run, port, ("/status/429", b"{}"))
