@@ -44,6 +44,7 @@ import uvloop
 import wakeup
 from httpclient import Connection, address, post_request
 from loadgen import request_bodies
+from pairs import primed_pairs
 from peers import Infinity, packaged_model_dir, wait_until_answers
 from rawmodel import RawModel
 from report import BEST_RAW_BATCHES, IDLE_MS, Level, Raw, Row, render, write_section
@@ -211,17 +212,13 @@ class Contenders:
 
 
 def latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tuple[float, float]]:
-    """(Hearth ms, raw ms) of ``pairs`` pairs at concurrency 1: one sentence sent
-    to Hearth, and the same sentence embedded by the raw model.
+    """(Hearth ms, raw ms) of ``pairs`` pairs at concurrency 1 (``pairs.primed_pairs``):
+    one sentence sent to Hearth, and the same sentence embedded by the raw model.
 
-    Each measured call comes right after an unmeasured call of its own kind, so
-    that both sides run back to back, as they do on their own (a Hearth request
-    right after a raw call took about 0.8 ms longer, a raw call right after a
-    Hearth request 0.4-0.8 ms longer). The two measured calls of a pair lie
-    milliseconds apart and share the machine's speed of that moment, which
-    drifts by tens of percent from one second to the next: p50s of stretches a
-    few seconds long, taken in turn, put the same Hearth from 4.7 ms faster to
-    8.2 ms slower than the raw call. The side that goes first alternates.
+    Here a Hearth request right after a raw call took about 0.8 ms longer than
+    after a Hearth request, and a raw call right after a Hearth request 0.4-0.8 ms
+    longer than after a raw call. p50s of stretches a few seconds long, taken in
+    turn, put the same Hearth from 4.7 ms faster to 8.2 ms slower than the raw call.
     """
     return uvloop.run(_latency_pairs(url, raw_model, pairs))
 
@@ -243,20 +240,7 @@ async def _latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tupl
         for sentence in range(PAIR_WARMUP):
             await hearth(sentence)
             raw_model.call_ms(sentence)
-        measured: list[tuple[float, float]] = []
-        for pair in range(pairs):
-            if pair % 2 == 0:
-                raw_model.call_ms(pair)
-                raw_ms = raw_model.call_ms(pair)
-                await hearth(pair)
-                hearth_ms = await hearth(pair)
-            else:
-                await hearth(pair)
-                hearth_ms = await hearth(pair)
-                raw_model.call_ms(pair)
-                raw_ms = raw_model.call_ms(pair)
-            measured.append((hearth_ms, raw_ms))
-        return measured
+        return await primed_pairs(range(pairs), hearth, raw_model.call_ms)
     finally:
         connection.close()
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 import redis
 from httpclient import Connection, address, post_request
 from imagejob import GUIDANCE, PROMPT
+from pairs import primed_pairs
 
 TIMEOUT_S = 120.0
 PATH = "/v1/images/generations"
@@ -78,41 +79,19 @@ async def alternating(
     raw: Callable[[int], float],
 ) -> tuple[list[float], list[Sent]]:
     """Each seed's image made by ``raw`` (in this process, returning its ms) and
-    through Hearth, one request at a time, each measured call right after an
-    unmeasured one of its own kind: raw, raw, Hearth, Hearth for one seed, then
-    Hearth, Hearth, raw, raw for the next.
-
-    The two measured calls of a pair lie a moment apart and share the machine's
-    speed of that moment, which on a shared machine drifts by tens of percent
-    within a minute. Each follows a call of its own side, as it does when that
-    side makes images back to back: a pipeline call leaves its OpenMP threads
-    spinning for milliseconds after it, and a call right after the other
-    side's would start while that side's threads still spin. ``warmup`` pairs
-    go first, unmeasured.
+    through Hearth, one request at a time, in pairs (``pairs.primed_pairs``):
+    raw ms and Hearth's requests, in the order of ``seeds``. ``warmup`` pairs go
+    first, unmeasured.
     """
     client = _Client(url)
 
     async def hearth(seed: int) -> Sent:
-        """The measured request, after an unmeasured one."""
-        await client.post(request_body(model, size, steps, seed))
         return await client.post(request_body(model, size, steps, seed))
 
     try:
-        for seed in range(warmup):
-            await hearth(seed)
-            raw(seed)
-        raw_ms: list[float] = []
-        sent: list[Sent] = []
-        for index, seed in enumerate(seeds):
-            if index % 2:
-                sent.append(await hearth(seed))
-                raw(seed)
-                raw_ms.append(raw(seed))
-            else:
-                raw(seed)
-                raw_ms.append(raw(seed))
-                sent.append(await hearth(seed))
-        return raw_ms, sent
+        await primed_pairs(range(warmup), hearth, raw)
+        pairs = await primed_pairs(seeds, hearth, raw)
+        return [raw_ms for _, raw_ms in pairs], [sent for sent, _ in pairs]
     finally:
         client.close()
 

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import asyncio
+
 import pytest
 from imageload import PHASES
 from images_report import Batching, Memory, Overhead, Round, Setup
 from images_report import render as render_images
+from pairs import primed_pairs
 from rawmodel import RawResult
 from report import Level, Raw, Row, render
 
@@ -107,3 +110,21 @@ def test_image_pairs_split_by_which_side_went_first() -> None:
     header, row = table(section, "The same pairs by which side went first")
     assert len(row) == len(header)
     assert row[2:] == ["51.0", "57.0", "+6.0", "52.0", "54.0", "-2.0"]
+
+
+def test_primed_pairs_measure_each_side_right_after_one_of_its_own_kind() -> None:
+    calls: list[str] = []
+
+    async def hearth(item: int) -> str:
+        calls.append(f"h{item}")
+        return f"h{item}#{calls.count(f'h{item}')}"
+
+    def raw(item: int) -> float:
+        calls.append(f"r{item}")
+        return item + calls.count(f"r{item}") / 10
+
+    pairs = asyncio.run(primed_pairs([7, 8, 9], hearth, raw))
+
+    assert calls == ["r7", "r7", "h7", "h7", "h8", "h8", "r8", "r8", "r9", "r9", "h9", "h9"]
+    # The second call of each side is the one kept.
+    assert pairs == [("h7#2", 7.2), ("h8#2", 8.2), ("h9#2", 9.2)]
