@@ -4,6 +4,14 @@ Read at most once per second per API process, so checking "does a live worker
 hold this model?" costs no Redis round trip on the hot path. When the second
 is up, the requests that ask meanwhile share one read rather than each making
 its own: under load that was dozens of reads at once, each taking a connection.
+
+Past its second, a list that still names a live holder of the model asked for
+is served while a read in the background refreshes it, so no request waits for
+that read (before, the first request of every second did: a Redis round trip
+on its path). A holder counts as live while its heartbeat, as last read, is
+younger than the worker TTL. A list naming no such holder is never trusted past
+its second: the request waits for a fresh read rather than be refused on an
+old one.
 """
 
 from __future__ import annotations
@@ -42,12 +50,23 @@ class Fleet:
         """Workers whose last heartbeat is younger than the TTL; stale ones are pruned."""
         if time.monotonic() - self._read_at < CACHE_S:
             return self._workers
+        # Shielded: a request that goes away does not end the read the others wait on.
+        return await asyncio.shield(self._refresh())
+
+    async def stop(self) -> None:
+        """End a read still under way, before the connections close."""
+        reading = self._reading
+        if reading is not None:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    def _refresh(self) -> asyncio.Future[list[WorkerInfo]]:
+        """The read under way, started if there is none."""
         reading = self._reading
         if reading is None or reading.get_loop() is not asyncio.get_running_loop():
             self._reading = reading = asyncio.ensure_future(self._read())
             reading.add_done_callback(self._read_done)
-        # Shielded: a request that goes away does not end the read the others wait on.
-        return await asyncio.shield(reading)
+        return reading
 
     def _read_done(self, reading: asyncio.Future[list[WorkerInfo]]) -> None:
         if self._reading is reading:
@@ -79,4 +98,16 @@ class Fleet:
         return live
 
     async def holders(self, model_id: str) -> list[str]:
+        """The live workers holding ``model_id``; see the module's docstring for how
+        old the list may be."""
+        if time.monotonic() - self._read_at >= CACHE_S:
+            now = time.time()
+            held = [
+                worker.id
+                for worker in self._workers
+                if model_id in worker.models and now - worker.heartbeat_at <= self.ttl_s
+            ]
+            if held:
+                self._refresh()
+                return held
         return [worker.id for worker in await self.live() if model_id in worker.models]

@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await state.dispatcher.stop()
+            await state.fleet.stop()
             await state.webhooks.drain()
             await state.close_connections()
 

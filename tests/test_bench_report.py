@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import asyncio
 
 import pytest
 from imageload import PHASES
@@ -17,6 +16,8 @@ from images_report import render as render_images
 from pairs import primed_pairs
 from rawmodel import RawResult
 from report import Level, Raw, Row, render
+
+from tests.support import run_on_own_thread
 
 
 def level(concurrency: int, rps: float, p50: float, p90: float, p99: float) -> Level:
@@ -33,6 +34,15 @@ def level(concurrency: int, rps: float, p50: float, p90: float, p99: float) -> L
         error_sample=None,
         batch_sizes={1: 100},
     )
+
+
+def images_section(overhead: Overhead) -> str:
+    """The images section of one overhead figure, with made-up batching and memory."""
+    rounds = len(overhead.raw)
+    setup = Setup("bench", 2, 64, 20, 4, {64: 4}, rounds, 1, {"overhead": 0.0}, "n/a")
+    batching = Batching("demo-dit", 8, [10.0], [20.0], {1: 8}, {8: 1})
+    memory = Memory({"demo-dit": 400.0, "both": 410.0}, 5, True, 300.0, {"demo-dit": 600.0})
+    return render_images(setup, [overhead], [batching], memory)
 
 
 def table(section: str, title: str) -> list[list[str]]:
@@ -103,10 +113,7 @@ def test_image_pairs_split_by_which_side_went_first() -> None:
     # lies between -3.6% (55 then 53) and +11.5% (52 then 58).
     assert overhead.percent == pytest.approx(((58.0 / 52.0 - 1) + (53.0 / 55.0 - 1)) * 50)
 
-    setup = Setup("bench", 2, 64, 20, 4, {64: 4}, 2, 1, {"overhead": 0.0}, "n/a")
-    batching = Batching("demo-dit", 8, [10.0], [20.0], {1: 8}, {8: 1})
-    memory = Memory({"demo-dit": 400.0, "both": 410.0}, 5, True, 300.0, {"demo-dit": 600.0})
-    section = render_images(setup, [overhead], [batching], memory)
+    section = images_section(overhead)
     header, row = table(section, "The same pairs by which side went first")
     assert len(row) == len(header)
     assert row[2:] == ["51.0", "57.0", "+6.0", "52.0", "54.0", "-2.0"]
@@ -123,8 +130,18 @@ def test_primed_pairs_measure_each_side_right_after_one_of_its_own_kind() -> Non
         calls.append(f"r{item}")
         return item + calls.count(f"r{item}") / 10
 
-    pairs = asyncio.run(primed_pairs([7, 8, 9], hearth, raw))
+    pairs = run_on_own_thread(lambda: primed_pairs([7, 8, 9], hearth, raw))
 
     assert calls == ["r7", "r7", "h7", "h7", "h8", "h8", "r8", "r8", "r9", "r9", "h9", "h9"]
     # The second call of each side is the one kept.
     assert pairs == [("h7#2", 7.2), ("h8#2", 8.2), ("h9#2", 9.2)]
+
+
+@pytest.mark.parametrize(("hearth_ms", "verdict"), [(102.5, "**met**"), (103.5, "**NOT met**")])
+def test_the_images_overhead_is_judged_against_3_percent(hearth_ms: float, verdict: str) -> None:
+    raw = [Round((100.0,) * 4)]
+    hearth = [Round((hearth_ms,) * 4)]
+    overhead = Overhead("demo-dit", 64, raw, hearth, [0.0] * len(PHASES))
+    section = images_section(overhead)
+    line = next(line for line in section.splitlines() if line.startswith("- Overhead"))
+    assert f"(target ≤ 3%): {verdict}" in line

@@ -6,9 +6,11 @@ import asyncio
 import time
 
 import orjson
+import pytest
 import redis
 from redis.asyncio import Redis
 
+from app import fleet as fleet_module
 from app.fleet import Fleet
 from hearth.embedded_redis import EmbeddedRedis
 from tests.support import run_on_own_thread
@@ -81,3 +83,77 @@ def test_requests_asking_at_once_share_one_read_and_a_leaving_one_ends_none(
     assert answers == [["w1"]] * 40
     assert reads == 1
     assert cached_reads == 1
+
+
+def test_a_list_past_its_second_is_served_while_a_read_refreshes_it(
+    private_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = private_redis
+    counter = redis.Redis.from_url(server.url)
+    keys = Keys("fleet")
+    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
+
+    async def main() -> dict[str, object]:
+        client = Redis.from_url(server.url)
+        fleet = Fleet(client, keys, ttl_s=10)
+        try:
+            seen: dict[str, object] = {"first": await fleet.holders("a")}
+            counter.hset(keys.workers(), mapping={"w2": beat(["a"], 0)})
+            monkeypatch.setattr(fleet_module, "CACHE_S", 0.0)  # every list is past its second
+            reads = hgetall_calls(counter)
+            # The old list still names a holder of "a": served as it is, no read waited on.
+            seen["stale"] = await fleet.holders("a")
+            seen["read_meanwhile"] = hgetall_calls(counter) - reads
+            # ... while a read refreshes it in the background.
+            for _ in range(500):
+                if hgetall_calls(counter) > reads:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            seen["refreshed"] = await fleet.holders("a")
+            # It names no holder of "c": that request waits for a fresh read.
+            counter.hset(keys.workers(), mapping={"w3": beat(["c"], 0)})
+            seen["unheld"] = await fleet.holders("c")
+            return seen
+        finally:
+            await fleet.stop()
+            await client.aclose()
+
+    try:
+        seen = run_on_own_thread(main)
+    finally:
+        counter.close()
+    assert seen["first"] == ["w1"]
+    assert seen["stale"] == ["w1"]
+    assert seen["read_meanwhile"] == 0
+    assert seen["refreshed"] == ["w1", "w2"]
+    assert seen["unheld"] == ["w3"]
+
+
+def test_a_holder_whose_heartbeat_has_aged_past_the_ttl_is_not_served_from_the_list(
+    private_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = private_redis
+    counter = redis.Redis.from_url(server.url)
+    keys = Keys("fleet")
+    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 9.7)})  # the TTL is 10 s
+
+    async def main() -> tuple[list[str], list[str]]:
+        client = Redis.from_url(server.url)
+        fleet = Fleet(client, keys, ttl_s=10)
+        try:
+            first = await fleet.holders("a")
+            monkeypatch.setattr(fleet_module, "CACHE_S", 0.0)
+            await asyncio.sleep(0.5)  # w1's heartbeat, as read, is now past the TTL
+            return first, await fleet.holders("a")
+        finally:
+            await fleet.stop()
+            await client.aclose()
+
+    try:
+        first, later = run_on_own_thread(main)
+        assert first == ["w1"]
+        assert later == []  # read afresh, not served from the list: w1 is pruned
+        assert counter.hkeys(keys.workers()) == []
+    finally:
+        counter.close()
