@@ -17,7 +17,8 @@ from typing import Any
 FileSet = tuple[tuple[int, int, int, int], ...]
 ComponentKey = tuple[str, FileSet]
 
-# Schedulers are rebuilt per call and tokenizers are cheap: neither is shared.
+# Schedulers are kept by each model's runner (workers.images) and tokenizers are
+# cheap: neither is shared.
 NOT_SHARED = frozenset({"scheduler", "tokenizer", "tokenizer_2", "tokenizer_3"})
 
 

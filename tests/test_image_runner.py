@@ -1,0 +1,115 @@
+"""The image runner's pipeline calls: an image is what its request gives alone,
+whatever the runner's calls before it left in the scheduler they share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from models.components import ComponentCache
+from models.demo import DEMO_MODEL_IDS
+from models.device import choose_placement
+from models.diffusion import load_text_to_image
+from models.schedulers import NOISE_SCHEDULERS
+from workers.hooks import NoHooks
+from workers.images import ImageRunner
+from workers.protocol import Job, JobStatus, JobType
+
+# Several diffusers schedulers hand torch tensors to NumPy (np.array, np.log),
+# whose __array__ and __array_wrap__ predate NumPy 2's new arguments; the
+# worker's process runs them just the same.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    ),
+    pytest.mark.filterwarnings(
+        "ignore:__array_wrap__ must accept context and return_scalar:DeprecationWarning"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def pipes(demo_store: Path) -> Iterator[dict[str, Any]]:
+    """The demo pipelines, run on one CPU thread (as fast for these tiny models,
+    and steadier while other processes busy the cores)."""
+    cache, placement = ComponentCache(), choose_placement("cpu")
+    loaded = {
+        model: load_text_to_image(demo_store / model, placement, cache) for model in DEMO_MODEL_IDS
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield loaded
+    torch.set_num_threads(threads)
+
+
+def job(model: str, scheduler: str, seed: int, steps: int) -> Job:
+    return Job(
+        type=JobType.IMAGES_GENERATIONS,
+        model=model,
+        input={
+            "prompt": "a red bicycle against a white wall",
+            "negative_prompt": "",
+            "n": 1,
+            "width": 64,
+            "height": 64,
+            "steps": steps,
+            "guidance": 5.0,
+            "seed": seed,
+            "scheduler": NOISE_SCHEDULERS[scheduler],
+            "response_format": "b64_json",
+        },
+        deadline=time.time() + 600,
+    )
+
+
+class CancelledMidway(NoHooks):
+    """Hooks that find the call's jobs cancelled from its second step on."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def cancelled(self, job_id: str) -> bool:
+        self.asked += 1
+        return self.asked >= 2
+
+
+def image(runner: ImageRunner, work: Job) -> bytes:
+    (outcome,), _sizes = runner.run([work], NoHooks())
+    assert outcome.status is JobStatus.SUCCEEDED
+    assert outcome.result is not None
+    return outcome.result.split(b'"b64_json":"', 1)[1].split(b'"', 1)[0]
+
+
+@pytest.mark.parametrize("model", DEMO_MODEL_IDS)
+@pytest.mark.parametrize("scheduler", sorted(NOISE_SCHEDULERS))
+def test_an_image_is_the_same_after_calls_that_left_the_scheduler_midway(
+    pipes: dict[str, Any], model: str, scheduler: str
+) -> None:
+    # A runner that never ran: its scheduler is new.
+    alone = image(ImageRunner(model, pipes[model], 8), job(model, scheduler, seed=1, steps=4))
+
+    runner = ImageRunner(model, pipes[model], 8)
+    hooks = CancelledMidway()
+    (cut,), _sizes = runner.run([job(model, scheduler, seed=2, steps=6)], hooks)
+    assert cut.status is JobStatus.CANCELLED
+    assert hooks.asked >= 2  # the call was left after its first step, its schedule half run
+    other = image(runner, job(model, scheduler, seed=3, steps=5))
+    again = image(runner, job(model, scheduler, seed=1, steps=4))
+
+    assert again == alone
+    assert other != alone
+
+
+def test_a_runner_keeps_one_scheduler_per_class(pipes: dict[str, Any]) -> None:
+    runner = ImageRunner("demo-dit", pipes["demo-dit"], 8)
+    image(runner, job("demo-dit", "euler", seed=1, steps=2))
+    euler = pipes["demo-dit"].scheduler
+    image(runner, job("demo-dit", "ddim", seed=1, steps=2))
+    assert pipes["demo-dit"].scheduler is not euler
+    image(runner, job("demo-dit", "euler", seed=1, steps=2))
+    assert pipes["demo-dit"].scheduler is euler
