@@ -229,12 +229,7 @@ async def _latency_pairs(url: str, raw_model: RawModel, pairs: int) -> list[tupl
     connection = Connection(host, port)
 
     async def hearth(sentence: int) -> float:
-        started = time.perf_counter()
-        response = await connection.send(requests[sentence % len(requests)], PAIR_TIMEOUT_S)
-        ms = (time.perf_counter() - started) * 1000
-        if response.status != 200:
-            raise RuntimeError(f"Hearth answered {response.status}: {response.body[:300]!r}")
-        return ms
+        return await connection.timed_ok(requests[sentence % len(requests)], PAIR_TIMEOUT_S)
 
     try:
         for sentence in range(PAIR_WARMUP):

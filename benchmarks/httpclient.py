@@ -134,6 +134,16 @@ class Connection:
         self._last_used = time.monotonic()
         return response
 
+    async def timed_ok(self, request: bytes, timeout_s: float) -> float:
+        """Milliseconds of one ``send`` of a request that must be answered 200: any
+        other answer raises, with the start of its body."""
+        started = time.perf_counter()
+        response = await self.send(request, timeout_s)
+        ms = (time.perf_counter() - started) * 1000
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {response.body[:300]!r}")
+        return ms
+
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()

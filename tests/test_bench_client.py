@@ -140,6 +140,24 @@ def test_the_status_comes_back_as_sent(server: tuple[EchoApp, int], run: Run) ->
     assert (response.status, response.body) == (429, b"/status/429 {}")
 
 
+def test_a_timed_request_gives_its_milliseconds_and_refuses_any_answer_but_200(
+    server: tuple[EchoApp, int], run: Run
+) -> None:
+    _, port = server
+
+    async def scenario() -> float:
+        connection = Connection(HOST, port)
+        try:
+            ms = await connection.timed_ok(request(port, "/echo", b"{}"), 5.0)
+            with pytest.raises(RuntimeError, match=r"HTTP 503: b'/status/503 {}'"):
+                await connection.timed_ok(request(port, "/status/503", b"{}"), 5.0)
+            return ms
+        finally:
+            connection.close()
+
+    assert run(scenario()) > 0
+
+
 def test_a_late_answer_never_answers_the_next_request(
     server: tuple[EchoApp, int], run: Run
 ) -> None:
