@@ -495,6 +495,32 @@ def test_an_error_reply_is_raised_once_every_reply_is_read(
     assert ask(line, "ECHO", "next") == [b"next"]
 
 
+class RecordedWrites:
+    """A connection's socket, passed through, with each ``sendall`` recorded."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_commands_around_a_long_argument_go_out_in_one_write(line: Line) -> None:
+    ask(line, "PING")  # connected
+    connection = line._connection
+    recorded = connection._sock = RecordedWrites(connection._sock)
+    pipe = line.pipeline()
+    queue_script(pipe, "return string.len(ARGV[1])", [], ["x" * 20_000])  # a result's size
+    pipe.execute_command("ECHO", "after")
+    assert line.send(pipe).replies() == [20_000, b"after"]
+    assert len(recorded.writes) == 1
+
+
 def test_abandoned_commands_leave_no_reply_behind(line: Line) -> None:
     pipe = line.pipeline()
     queue_script(pipe, "return ARGV[1]", [], ["stale"])
