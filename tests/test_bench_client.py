@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -21,6 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from httpclient import Connection, Response, post_request
 
 HOST = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def connection_to(port: int, **options: Any) -> Iterator[Connection]:
+    """A benchmarks' Connection to the echo server, closed afterwards."""
+    connection = Connection(HOST, port, **options)
+    try:
+        yield connection
+    finally:
+        connection.close()
 
 
 Run = Callable[[Awaitable[Any]], Any]
@@ -89,11 +100,8 @@ def send_in_turn(run: Run, port: int, *sent: tuple[str, bytes]) -> list[Response
     """Each (path, body) POSTed in turn over one connection; the responses."""
 
     async def scenario() -> list[Response]:
-        connection = Connection(HOST, port)
-        try:
+        with connection_to(port) as connection:
             return [await connection.send(request(port, *each), 5.0) for each in sent]
-        finally:
-            connection.close()
 
     responses: list[Response] = run(scenario())
     return responses
@@ -119,15 +127,12 @@ def test_a_connection_idle_too_long_is_opened_again(server: tuple[EchoApp, int],
     app, port = server
 
     async def scenario() -> list[Response]:
-        connection = Connection(HOST, port, idle_s=0.2)
-        try:
+        with connection_to(port, idle_s=0.2) as connection:
             first = await connection.send(request(port, "/echo", b"1"), 5.0)
             soon = await connection.send(request(port, "/echo", b"2"), 5.0)
             await asyncio.sleep(0.3)
             late = await connection.send(request(port, "/echo", b"3"), 5.0)
             return [first, soon, late]
-        finally:
-            connection.close()
 
     responses = run(scenario())
     assert [r.body for r in responses] == [b"/echo 1", b"/echo 2", b"/echo 3"]
@@ -146,14 +151,11 @@ def test_a_timed_request_gives_its_milliseconds_and_refuses_any_answer_but_200(
     _, port = server
 
     async def scenario() -> float:
-        connection = Connection(HOST, port)
-        try:
+        with connection_to(port) as connection:
             ms = await connection.timed_ok(request(port, "/echo", b"{}"), 5.0)
             with pytest.raises(RuntimeError, match=r"HTTP 503: b'/status/503 {}'"):
                 await connection.timed_ok(request(port, "/status/503", b"{}"), 5.0)
             return ms
-        finally:
-            connection.close()
 
     assert run(scenario()) > 0
 
@@ -164,13 +166,10 @@ def test_a_late_answer_never_answers_the_next_request(
     _, port = server
 
     async def scenario() -> Response:
-        connection = Connection(HOST, port)
-        try:
+        with connection_to(port) as connection:
             with pytest.raises(TimeoutError):
                 await connection.send(request(port, "/slow", b"{}"), 0.2)
             return await connection.send(request(port, "/echo", b'"next"'), 5.0)
-        finally:
-            connection.close()
 
     response = run(scenario())
     assert response.body == b'/echo "next"'

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -15,6 +17,28 @@ from app.fleet import Fleet
 from hearth.embedded_redis import EmbeddedRedis
 from tests.support import run_on_own_thread
 from workers.protocol import Keys
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A private Redis, whose reads no other test makes, and a client counting them."""
+
+    url: str
+    counter: redis.Redis
+    keys: Keys
+
+    def reads(self) -> int:
+        return hgetall_calls(self.counter)
+
+    def beats(self, **workers: bytes) -> None:
+        self.counter.hset(self.keys.workers(), mapping=workers)
+
+
+@pytest.fixture
+def counted(private_redis: EmbeddedRedis) -> Iterator[Counted]:
+    counter = redis.Redis.from_url(private_redis.url)
+    yield Counted(private_redis.url, counter, Keys("fleet"))
+    counter.close()
 
 
 def hgetall_calls(client: redis.Redis) -> int:
@@ -50,79 +74,66 @@ def test_live_workers_are_those_with_a_fresh_heartbeat_and_stale_ones_are_pruned
 
 
 def test_requests_asking_at_once_share_one_read_and_a_leaving_one_ends_none(
-    private_redis: EmbeddedRedis,
+    counted: Counted,
 ) -> None:
-    # Reads are counted by the server: a private one, which no other test reads from.
-    server = private_redis
-    counter = redis.Redis.from_url(server.url)
-    keys = Keys("fleet")
-    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
+    counted.beats(w1=beat(["a"], 0))
 
     async def main() -> tuple[list[list[str]], int, int]:
-        client = Redis.from_url(server.url)
+        client = Redis.from_url(counted.url)
         try:
-            fleet = Fleet(client, keys, ttl_s=10)
-            before = hgetall_calls(counter)
+            fleet = Fleet(client, counted.keys, ttl_s=10)
+            before = counted.reads()
             leaving = asyncio.ensure_future(fleet.holders("a"))
             asking = [asyncio.ensure_future(fleet.holders("a")) for _ in range(40)]
             await asyncio.sleep(0)
             leaving.cancel()
             answers = await asyncio.gather(*asking)
-            first = hgetall_calls(counter) - before
+            first = counted.reads() - before
             # Within the cache's second: no read at all.
             await fleet.holders("a")
-            cached = hgetall_calls(counter) - before
+            cached = counted.reads() - before
             return answers, first, cached
         finally:
             await client.aclose()
 
-    try:
-        answers, reads, cached_reads = run_on_own_thread(main)
-    finally:
-        counter.close()
+    answers, reads, cached_reads = run_on_own_thread(main)
     assert answers == [["w1"]] * 40
     assert reads == 1
     assert cached_reads == 1
 
 
 def test_a_list_past_its_second_is_served_while_a_read_refreshes_it(
-    private_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    counted: Counted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = private_redis
-    counter = redis.Redis.from_url(server.url)
-    keys = Keys("fleet")
-    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 0)})
+    counted.beats(w1=beat(["a"], 0))
 
     async def main() -> dict[str, object]:
-        client = Redis.from_url(server.url)
-        fleet = Fleet(client, keys, ttl_s=10)
+        client = Redis.from_url(counted.url)
+        fleet = Fleet(client, counted.keys, ttl_s=10)
         try:
             seen: dict[str, object] = {"first": await fleet.holders("a")}
-            counter.hset(keys.workers(), mapping={"w2": beat(["a"], 0)})
+            counted.beats(w2=beat(["a"], 0))
             monkeypatch.setattr(fleet_module, "CACHE_S", 0.0)  # every list is past its second
-            reads = hgetall_calls(counter)
+            reads = counted.reads()
             # The old list still names a holder of "a": served as it is, no read waited on.
             seen["stale"] = await fleet.holders("a")
-            seen["read_meanwhile"] = hgetall_calls(counter) - reads
+            seen["read_meanwhile"] = counted.reads() - reads
             # ... while a read refreshes it in the background.
             for _ in range(500):
-                if hgetall_calls(counter) > reads:
+                if counted.reads() > reads:
                     break
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)
             seen["refreshed"] = await fleet.holders("a")
             # It names no holder of "c": that request waits for a fresh read.
-            counter.hset(keys.workers(), mapping={"w3": beat(["c"], 0)})
+            counted.beats(w3=beat(["c"], 0))
             seen["unheld"] = await fleet.holders("c")
             return seen
         finally:
             await fleet.stop()
             await client.aclose()
 
-    try:
-        seen = run_on_own_thread(main)
-    finally:
-        counter.close()
+    seen = run_on_own_thread(main)
     assert seen["first"] == ["w1"]
     assert seen["stale"] == ["w1"]
     assert seen["read_meanwhile"] == 0
@@ -131,16 +142,13 @@ def test_a_list_past_its_second_is_served_while_a_read_refreshes_it(
 
 
 def test_a_holder_whose_heartbeat_has_aged_past_the_ttl_is_not_served_from_the_list(
-    private_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    counted: Counted, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = private_redis
-    counter = redis.Redis.from_url(server.url)
-    keys = Keys("fleet")
-    counter.hset(keys.workers(), mapping={"w1": beat(["a"], 9.7)})  # the TTL is 10 s
+    counted.beats(w1=beat(["a"], 9.7))  # the TTL is 10 s
 
     async def main() -> tuple[list[str], list[str]]:
-        client = Redis.from_url(server.url)
-        fleet = Fleet(client, keys, ttl_s=10)
+        client = Redis.from_url(counted.url)
+        fleet = Fleet(client, counted.keys, ttl_s=10)
         try:
             first = await fleet.holders("a")
             monkeypatch.setattr(fleet_module, "CACHE_S", 0.0)
@@ -150,10 +158,7 @@ def test_a_holder_whose_heartbeat_has_aged_past_the_ttl_is_not_served_from_the_l
             await fleet.stop()
             await client.aclose()
 
-    try:
-        first, later = run_on_own_thread(main)
-        assert first == ["w1"]
-        assert later == []  # read afresh, not served from the list: w1 is pruned
-        assert counter.hkeys(keys.workers()) == []
-    finally:
-        counter.close()
+    first, later = run_on_own_thread(main)
+    assert first == ["w1"]
+    assert later == []  # read afresh, not served from the list: w1 is pruned
+    assert counted.counter.hkeys(counted.keys.workers()) == []
