@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import pytest
 import torch
+from PIL import Image
 
 from models.components import ComponentCache
 from models.demo import DEMO_MODEL_IDS
@@ -17,8 +20,8 @@ from models.device import choose_placement
 from models.diffusion import load_text_to_image
 from models.schedulers import NOISE_SCHEDULERS
 from workers.hooks import NoHooks
-from workers.images import ImageRunner
-from workers.protocol import Job, JobStatus, JobType
+from workers.images import PARALLEL_PNG_PIXELS, ImageRunner, encode_all, png
+from workers.protocol import Job, JobStatus, JobType, Outcome
 
 # Several diffusers schedulers hand torch tensors to NumPy (np.array, np.log),
 # whose __array__ and __array_wrap__ predate NumPy 2's new arguments; the
@@ -47,14 +50,14 @@ def pipes(demo_store: Path) -> Iterator[dict[str, Any]]:
     torch.set_num_threads(threads)
 
 
-def job(model: str, scheduler: str, seed: int, steps: int) -> Job:
+def job(model: str, scheduler: str, seed: int, steps: int, n: int = 1) -> Job:
     return Job(
         type=JobType.IMAGES_GENERATIONS,
         model=model,
         input={
             "prompt": "a red bicycle against a white wall",
             "negative_prompt": "",
-            "n": 1,
+            "n": n,
             "width": 64,
             "height": 64,
             "steps": steps,
@@ -78,11 +81,16 @@ class CancelledMidway(NoHooks):
         return self.asked >= 2
 
 
-def image(runner: ImageRunner, work: Job) -> bytes:
-    (outcome,), _sizes = runner.run([work], NoHooks())
+def images_of(outcome: Outcome) -> list[str]:
     assert outcome.status is JobStatus.SUCCEEDED
     assert outcome.result is not None
-    return outcome.result.split(b'"b64_json":"', 1)[1].split(b'"', 1)[0]
+    return [item["b64_json"] for item in orjson.loads(outcome.result)["data"]]
+
+
+def image(runner: ImageRunner, work: Job) -> str:
+    (outcome,), _sizes = runner.run([work], NoHooks())
+    (made,) = images_of(outcome)
+    return made
 
 
 @pytest.mark.parametrize("model", DEMO_MODEL_IDS)
@@ -113,3 +121,39 @@ def test_a_runner_keeps_one_scheduler_per_class(pipes: dict[str, Any]) -> None:
     assert pipes["demo-dit"].scheduler is not euler
     image(runner, job("demo-dit", "euler", seed=1, steps=2))
     assert pipes["demo-dit"].scheduler is euler
+
+
+class Cancelled(NoHooks):
+    """Hooks that find the jobs of ``ids`` cancelled."""
+
+    def __init__(self, *ids: str) -> None:
+        self.ids = set(ids)
+
+    def cancelled(self, job_id: str) -> bool:
+        return job_id in self.ids
+
+
+def test_the_images_of_one_call_come_back_in_order_each_as_made_alone(
+    pipes: dict[str, Any],
+) -> None:
+    runner = ImageRunner("demo-dit", pipes["demo-dit"], 8)
+    two, one, dropped = (
+        job("demo-dit", "ddim", seed=10, steps=3, n=2),
+        job("demo-dit", "ddim", seed=20, steps=3),
+        job("demo-dit", "ddim", seed=30, steps=3),
+    )
+    outcomes, sizes = runner.run([two, dropped, one], Cancelled(dropped.id))
+    assert sizes == [4]  # one call made every image, the cancelled job's too
+    alone = [image(runner, job("demo-dit", "ddim", seed, steps=3)) for seed in (10, 11, 20)]
+    assert images_of(outcomes[0]) == alone[:2]
+    assert outcomes[1].status is JobStatus.CANCELLED
+    assert images_of(outcomes[2]) == alone[2:]
+
+
+def test_images_encoded_side_by_side_come_back_in_order() -> None:
+    rng = np.random.default_rng(7)
+    # The first takes longest: encodings handed back as they end would put it last.
+    sizes = [512, 128, 128, 128, 64, 64]
+    images = [Image.fromarray(rng.integers(0, 256, (n, n, 3), dtype=np.uint8)) for n in sizes]
+    assert sum(image.width * image.height for image in images) >= PARALLEL_PNG_PIXELS
+    assert encode_all(images) == [png(image) for image in images]

@@ -16,9 +16,11 @@ import contextlib
 import inspect
 import io
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,35 @@ def png(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Pillow lets go of the interpreter while it compresses, so the images of one
+# call are encoded side by side, up to one thread per core.
+_ENCODERS = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="png")
+# The fewest pixels in all worth spreading over the encoding threads. A call of
+# 8 demo-dit images on 2 cores, encoded side by side against one after the
+# other (12 alternated calls each): 64x64 1.4 ms slower, 128x128 2.3 ms
+# faster, 256x256 19.8 ms faster (of 935 ms); alone, 8 PNGs of 256x256 took
+# 37 ms against 65. Just after a pipeline call its OpenMP threads still spin
+# on the other cores, which small encodings cannot make up for.
+PARALLEL_PNG_PIXELS = 8 * 128 * 128
+
+
+def encode_all(images: list[Any]) -> list[bytes]:
+    """Each image as PNG, in order; side by side on the encoding threads when
+    there are enough pixels to make it pay."""
+    pixels = sum(image.width * image.height for image in images)
+    if len(images) < 2 or pixels < PARALLEL_PNG_PIXELS:
+        return [png(image) for image in images]
+    return list(_ENCODERS.map(png, images))
 
 
 @dataclass(frozen=True)
@@ -328,6 +359,7 @@ class ImageRunner:
             images = [edit.finish(image) if image is not None else None for image in images]
 
         outcomes: dict[str, Outcome] = {}
+        kept: list[tuple[Job, list[Any]]] = []  # the jobs to answer, each with its images
         start = 0
         for job in jobs:
             n = int(job.input["n"])
@@ -336,16 +368,18 @@ class ImageRunner:
                     JobStatus.CANCELLED, error=JobError("cancelled by the client", "cancelled")
                 )
             else:
-                outcomes[job.id] = self._outcome(job, images[start : start + n])
+                kept.append((job, images[start : start + n]))
             start += n
+        encoded = iter(encode_all([image for _job, made in kept for image in made]))
+        for job, made in kept:
+            outcomes[job.id] = self._outcome(job, [next(encoded) for _image in made])
         return outcomes
 
-    def _outcome(self, job: Job, images: list[Any]) -> Outcome:
+    def _outcome(self, job: Job, pngs: list[bytes]) -> Outcome:
         seed = int(job.input["seed"])
         data: list[dict[str, Any]] = []
         files: dict[str, bytes] = {}
-        for index, image in enumerate(images):
-            encoded = png(image)
+        for index, encoded in enumerate(pngs):
             item: dict[str, Any] = {"revised_prompt": None, "seed": seed + index}
             if job.input.get("response_format") == "url":
                 file_id = f"file_{uuid.uuid4().hex}"
