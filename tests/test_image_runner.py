@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ def job(model: str, scheduler: str, seed: int, steps: int, n: int = 1) -> Job:
     )
 
 
+def edit(generation: Job, picture: str) -> Job:
+    """``generation`` turned into an image-to-image edit of ``picture`` (base64 PNG)."""
+    return replace(
+        generation,
+        type=JobType.IMAGES_EDITS,
+        input={**generation.input, "image": picture, "mask": "", "strength": 0.5},
+    )
+
+
 class CancelledMidway(NoHooks):
     """Hooks that find the call's jobs cancelled from its second step on."""
 
@@ -106,6 +116,10 @@ def test_an_image_is_the_same_after_calls_that_left_the_scheduler_midway(
     (cut,), _sizes = runner.run([job(model, scheduler, seed=2, steps=6)], hooks)
     assert cut.status is JobStatus.CANCELLED
     assert hooks.asked >= 2  # the call was left after its first step, its schedule half run
+    # An edit starts its schedule partway (the scheduler's begin index), where
+    # diffusers has an image-to-image pipeline for the model.
+    (edited,), _sizes = runner.run([edit(job(model, scheduler, seed=4, steps=6), alone)], NoHooks())
+    assert edited.status is (JobStatus.SUCCEEDED if model == "demo-unet" else JobStatus.FAILED)
     other = image(runner, job(model, scheduler, seed=3, steps=5))
     again = image(runner, job(model, scheduler, seed=1, steps=4))
 

@@ -1,9 +1,13 @@
-"""How the worker ends its background tasks (heartbeat, cancellation listener, claim holds)."""
+"""How the worker ends its background tasks (heartbeat, cancellation listener, claim
+holds), and how a batch on its event loop lets them run."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
+from models.stepwise import LONG_S, LONG_TURNS, Steps, step_through
 from tests.support import run_on_own_thread
 from workers.worker import cancel_and_wait
 
@@ -52,3 +56,46 @@ def test_every_task_ends_and_their_errors_are_retrieved() -> None:
         assert tasks[1].cancelled()
 
     run_on_own_thread(scenario)
+
+
+def test_a_long_batch_lets_the_loop_turn_several_times_between_its_steps() -> None:
+    def batch(steps: int, step_s: float) -> Steps[int]:
+        for _ in range(steps):
+            time.sleep(step_s)  # a forward pass, holding the loop
+            yield
+        return steps
+
+    async def turns_per_step(steps: int, step_s: float) -> list[int]:
+        """How far a task that only awaits the loop's turns gets during each step."""
+        turns = 0
+
+        async def counting() -> None:
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+
+        counter = asyncio.create_task(counting())
+        seen: list[int] = []
+
+        def stepped() -> Steps[int]:
+            inner = batch(steps, step_s)
+            while True:
+                seen.append(turns)
+                try:
+                    next(inner)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                yield
+
+        assert await step_through(stepped()) == steps
+        await cancel_and_wait([counter])
+        return [later - earlier for earlier, later in itertools.pairwise(seen)]
+
+    # A long batch: once LONG_S has passed, LONG_TURNS turns between two passes, so a
+    # heartbeat's write and reply (four turns) get through within one pass.
+    long_gaps = run_on_own_thread(lambda: turns_per_step(8, LONG_S / 2))
+    assert long_gaps[0] == 1  # at first, one turn
+    assert long_gaps[-1] == LONG_TURNS
+    # A lone request's batch never waits for turns it has no use for.
+    assert run_on_own_thread(lambda: turns_per_step(3, 0.001)) == [1, 1, 1]
