@@ -36,6 +36,10 @@ class WorkerInfo:
     device: str
     heartbeat_at: float
 
+    def live(self, now: float, ttl_s: float) -> bool:
+        """Whether its heartbeat, at ``now`` (time.time()), is younger than ``ttl_s``."""
+        return now - self.heartbeat_at <= ttl_s
+
 
 class Fleet:
     def __init__(self, redis: Redis, keys: Keys, ttl_s: float) -> None:
@@ -81,17 +85,16 @@ class Fleet:
         stale: list[bytes] = []
         for name, raw in beats.items():
             beat = orjson.loads(raw)
-            if now - float(beat["heartbeat_at"]) > self.ttl_s:
-                stale.append(name)
+            worker = WorkerInfo(
+                id=name.decode(),
+                models=tuple(beat.get("models", ())),
+                device=str(beat.get("device", "")),
+                heartbeat_at=float(beat["heartbeat_at"]),
+            )
+            if worker.live(now, self.ttl_s):
+                live.append(worker)
             else:
-                live.append(
-                    WorkerInfo(
-                        id=name.decode(),
-                        models=tuple(beat.get("models", ())),
-                        device=str(beat.get("device", "")),
-                        heartbeat_at=float(beat["heartbeat_at"]),
-                    )
-                )
+                stale.append(name)
         if stale:
             await self.redis.hdel(self.keys.workers(), *stale)
         self._workers, self._read_at = live, time.monotonic()
@@ -105,7 +108,7 @@ class Fleet:
             held = [
                 worker.id
                 for worker in self._workers
-                if model_id in worker.models and now - worker.heartbeat_at <= self.ttl_s
+                if model_id in worker.models and worker.live(now, self.ttl_s)
             ]
             if held:
                 self._refresh()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -120,3 +121,18 @@ def wait_for(
             last = exc
         time.sleep(0.2)
     raise AssertionError(f"{url} did not answer {status} in {timeout_s} s; last: {last}")
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside the block. The demo models are tiny: one
+    thread is as fast as two, and unlike two it stays fast (~0.2 s a call, not
+    seconds) when other processes busy the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

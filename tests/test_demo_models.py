@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from models import demo
 from models.demo import DEMO_MODEL_IDS, build_demo_models
+from tests.support import one_torch_thread
 
 PROMPT = "a photo of a cat"
 LAYOUT = {
@@ -60,21 +61,15 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipes(store: Path) -> Iterator[dict[str, Any]]:
-    """The demo pipelines, reloaded from the store, run on one CPU thread.
-
-    These models are tiny: one thread is as fast as two, and unlike two it
-    stays fast (~0.2 s a call, not seconds) when other processes busy the cores.
-    """
+    """The demo pipelines, reloaded from the store, run on one CPU thread."""
     diffusers_logging.disable_progress_bar()
     loaded = {}
     for model_id in DEMO_MODEL_IDS:
         pipe = DiffusionPipeline.from_pretrained(store / model_id, local_files_only=True)  # type: ignore[no-untyped-call]
         pipe.set_progress_bar_config(disable=True)
         loaded[model_id] = pipe
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield loaded
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield loaded
 
 
 def generate(pipe: Any, *, seed: int = 1, height: int = 64, width: int = 64) -> np.ndarray:

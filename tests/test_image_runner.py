@@ -3,6 +3,7 @@ whatever the runner's calls before it left in the scheduler they share."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,7 +13,6 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-import torch
 from PIL import Image
 
 from models.components import ComponentCache
@@ -20,9 +20,13 @@ from models.demo import DEMO_MODEL_IDS
 from models.device import choose_placement
 from models.diffusion import load_text_to_image
 from models.schedulers import NOISE_SCHEDULERS
+from tests.support import one_torch_thread
 from workers.hooks import NoHooks
 from workers.images import PARALLEL_PNG_PIXELS, ImageRunner, encode_all, png
 from workers.protocol import Job, JobStatus, JobType, Outcome
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from imagejob import image_input
 
 # Several diffusers schedulers hand torch tensors to NumPy (np.array, np.log),
 # whose __array__ and __array_wrap__ predate NumPy 2's new arguments; the
@@ -39,34 +43,21 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def pipes(demo_store: Path) -> Iterator[dict[str, Any]]:
-    """The demo pipelines, run on one CPU thread (as fast for these tiny models,
-    and steadier while other processes busy the cores)."""
+    """The demo pipelines, run on one CPU thread."""
     cache, placement = ComponentCache(), choose_placement("cpu")
     loaded = {
         model: load_text_to_image(demo_store / model, placement, cache) for model in DEMO_MODEL_IDS
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield loaded
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield loaded
 
 
 def job(model: str, scheduler: str, seed: int, steps: int, n: int = 1) -> Job:
+    """The job the API queues for ``n`` 64x64 images (the image benchmarks' input)."""
     return Job(
         type=JobType.IMAGES_GENERATIONS,
         model=model,
-        input={
-            "prompt": "a red bicycle against a white wall",
-            "negative_prompt": "",
-            "n": n,
-            "width": 64,
-            "height": 64,
-            "steps": steps,
-            "guidance": 5.0,
-            "seed": seed,
-            "scheduler": NOISE_SCHEDULERS[scheduler],
-            "response_format": "b64_json",
-        },
+        input={**image_input(64, steps, seed, n), "scheduler": NOISE_SCHEDULERS[scheduler]},
         deadline=time.time() + 600,
     )
 
