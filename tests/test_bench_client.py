@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 import uvloop
+from httpclient import Connection, Response, post_request
 from starlette.types import Receive, Scope, Send
 
 from tests.support import free_port, run_on_own_thread
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from httpclient import Connection, Response, post_request
 
 HOST = "127.0.0.1"
 

@@ -4,11 +4,6 @@ measures, and the images section's pairs by order (benchmarks/images_report.py).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 import pytest
 from imageload import PHASES
 from images_report import Batching, Memory, Overhead, Round, Setup

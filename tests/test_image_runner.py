@@ -3,7 +3,6 @@ whatever the runner's calls before it left in the scheduler they share."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from imagejob import image_input
 from PIL import Image
 
 from models.components import ComponentCache
@@ -24,9 +24,6 @@ from tests.support import one_torch_thread
 from workers.hooks import NoHooks
 from workers.images import PARALLEL_PNG_PIXELS, ImageRunner, encode_all, png
 from workers.protocol import Job, JobStatus, JobType, Outcome
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from imagejob import image_input
 
 # Several diffusers schedulers hand torch tensors to NumPy (np.array, np.log),
 # whose __array__ and __array_wrap__ predate NumPy 2's new arguments; the
